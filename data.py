@@ -1,0 +1,640 @@
+"""The embedded default: the easy-VQA federation (DESIGN section 4), the tiny VLM checkpoints,
+and the one input-building path that every stage (SFT, reward models, routing features, GRPO,
+eval) uses for tiny and real checkpoints alike.
+
+What is here, in reading order:
+  1. Domains and questions. Three client domains, each answerable only by looking at the image:
+     colour ("what color is the shape?", 8 answers), shape ("what is the blue shape?", 3 answers)
+     and position ("is the blue shape on the left or the right?", 2 answers per question).
+     easy-VQA's yes/no questions are dropped: DESIGN 4 measured that they are answered 83% from
+     the text alone, and that once rebalanced no tiny model learns them in budget. Position takes
+     their place because it is a pure image attribute that a 4x4 grid of image tokens can see.
+     Its labels come from the easy-VQA images themselves: the background is one flat colour, so
+     the shape's centroid is measured exactly from the pixels; only images whose shape sits
+     clearly off-centre (>= POSITION_MARGIN px) get a position question, and each template is
+     subsampled to 50/50, so the question text says nothing about the answer.
+  2. Splits. Train images are split by image id (disjoint): public SFT split for the server's
+     reference policy, one private split per client (the client keeps only its domain's questions,
+     turned into preference pairs), and an unlabelled GRPO prompt pool. The test split is the
+     easy-VQA test set (>= 1,000 questions per domain).
+  3. Preference pairs. chosen = gold answer + <|im_end|>; rejected = what a sampling policy emits
+     (DESIGN 4, "reward hacking"): wrong answers of the same domain, answers of other domains,
+     no end token, repeats, empty.
+  4. Tokenizer and tiny checkpoints: a word-level tokenizer over the benchmark's vocabulary plus the
+     chat special tokens, and tiny Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision built from small configs
+     with the real transformers classes, saved with save_pretrained and loaded back with the Auto
+     classes exactly like a downloaded checkpoint directory.
+  5. `Encoder`: chat template -> processor (image tokens, mm_token_type_ids, left padding) -> tensors.
+  6. JSONL loading of users' own data with validation (file + line + field in every error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------
+# 1. Domains and questions
+# ----------------------------------------------------------------------------------------------
+
+COLORS = ["red", "green", "blue", "black", "gray", "teal", "brown", "yellow"]
+SHAPES = ["circle", "rectangle", "triangle"]
+POSITIONS = ["left", "right", "top", "bottom"]
+DOMAINS = ["color", "shape", "position"]
+DOMAIN_ANSWERS = {"color": COLORS, "shape": SHAPES, "position": POSITIONS}
+POSITION_MARGIN = 6.0  # px the shape's centroid must be off the image centre to ask about it
+# Position questions name the two candidate answers, so the blind baseline is exactly 50%.
+POSITION_TEMPLATES = {
+    "x": ["is the {c} {s} on the left or the right?", "is the {s} on the left or on the right?"],
+    "y": ["is the {c} {s} at the top or the bottom?", "is the {s} at the top or at the bottom?"],
+}
+# Words the synthetic pre-training captions use ("a red circle on the left").
+CAPTION_WORDS = ["a", "on", "the", "at", "in", "middle"]
+
+
+@dataclass
+class Example:
+    """One visual question. `image` is a path (loaded lazily, cached by `load_image`)."""
+
+    image: str
+    prompt: str
+    answer: str | None  # None in the unlabelled GRPO prompt pool
+    domain: str
+    image_id: str = ""
+
+
+def question_domain(answer: str) -> str | None:
+    a = answer.lower()
+    for d, answers in DOMAIN_ANSWERS.items():
+        if a in answers:
+            return d
+    return None  # yes/no: dropped (see module docstring)
+
+
+_IMAGE_CACHE: dict[str, Image.Image] = {}
+
+
+def load_image(path: str) -> Image.Image:
+    """RGB PIL image, cached: the benchmark reuses each 64x64 image across questions and epochs."""
+    img = _IMAGE_CACHE.get(path)
+    if img is None:
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+        _IMAGE_CACHE[path] = img
+    return img
+
+
+def shape_centroid(path: str) -> tuple[float, float]:
+    """(x, y) centroid in pixels of everything that differs from the flat background colour."""
+    im = np.asarray(load_image(path), dtype=np.int16)
+    mask = np.abs(im - im[0, 0]).sum(-1) > 30
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return 31.5, 31.5
+    return float(xs.mean()), float(ys.mean())
+
+
+def _easy_vqa_raw(split: str):
+    import easy_vqa
+
+    if split == "train":
+        qs, ans, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        qs, ans, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    return qs, ans, ids, paths
+
+
+def _position_questions(image_ids, paths, rng: random.Random, split: str, colors_shapes) -> list[Example]:
+    """Balanced position questions: per axis, as many 'left' as 'right' (and 'top' as 'bottom')."""
+    by_answer: dict[str, list[Example]] = {p: [] for p in POSITIONS}
+    for iid in image_ids:
+        path = paths[iid]
+        cx, cy = shape_centroid(path)
+        c, s = colors_shapes.get(iid, ("", "shape"))
+        for axis, v in (("x", cx), ("y", cy)):
+            if abs(v - 31.5) < POSITION_MARGIN:
+                continue  # ambiguous: the shape sits near the centre on this axis
+            ans = ("left" if v < 31.5 else "right") if axis == "x" else ("top" if v < 31.5 else "bottom")
+            tmpl = rng.choice(POSITION_TEMPLATES[axis])
+            q = tmpl.format(c=c, s=s) if c else tmpl.replace("{c} ", "").format(s=s)
+            by_answer[ans].append(Example(path, q, ans, "position", f"{split}/{iid}"))
+    out = []
+    for a, b in (("left", "right"), ("top", "bottom")):
+        n = min(len(by_answer[a]), len(by_answer[b]))
+        for k in (a, b):
+            rng.shuffle(by_answer[k])
+            out += by_answer[k][:n]
+    out.sort(key=lambda e: e.image_id)
+    return out
+
+
+def easy_vqa_examples(split: str, seed: int = 0) -> dict[str, list[Example]]:
+    """All questions of the three domains on easy-VQA's `split` ('train' or 'test'), by domain.
+
+    Colour and shape questions are easy-VQA's own; position questions are derived (module doc).
+    The position rebalancing is seeded, so the same seed gives the same questions.
+    """
+    qs, ans, ids, paths = _easy_vqa_raw(split)
+    out: dict[str, list[Example]] = {d: [] for d in DOMAINS}
+    colors_shapes: dict[int, tuple[str, str]] = {}
+    for q, a, iid in zip(qs, ans, ids):
+        d = question_domain(a)
+        if d is None:
+            continue
+        out[d].append(Example(paths[iid], q, a, d, f"{split}/{iid}"))
+        c, s = colors_shapes.get(iid, ("", "shape"))
+        colors_shapes[iid] = (a, s) if d == "color" else (c, a)
+    rng = random.Random(f"position-{split}-{seed}")
+    out["position"] = _position_questions(sorted(paths), paths, rng, split, colors_shapes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Splits
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Federation:
+    """Everything the embedded benchmark is made of, after the split.
+
+    public:    labelled questions of every domain on the public images (server's SFT data)
+    clients:   {client name: its domain's labelled questions on its private images}
+    client_domain: {client name: domain}
+    pool:      GRPO prompt pool, every domain, answer=None for the trainer (gold kept apart in
+               `pool_gold` for on-the-fly accuracy that only the evaluator reads)
+    test:      {domain: labelled test questions}
+    """
+
+    public: list[Example]
+    clients: dict[str, list[Example]]
+    client_domain: dict[str, str]
+    pool: list[Example]
+    pool_gold: list[str]
+    test: dict[str, list[Example]]
+    image_split: dict[str, list[str]] = field(default_factory=dict)
+
+
+DEFAULT_SPLIT = {"public": 600, "color": 800, "shape": 1200, "position": 800, "pool": 600}
+
+
+def build_federation(seed: int = 0, split_sizes: dict[str, int] | None = None,
+                     test_per_domain: int | None = None) -> Federation:
+    """Deterministic, seeded, disjoint-by-image split of easy-VQA train into the federation.
+
+    split_sizes: number of train images per part (public / one per client domain / pool); their
+    sum must be <= 4,000. The shape client gets the most images: shape needs volume (DESIGN 4).
+    """
+    sizes = dict(DEFAULT_SPLIT if split_sizes is None else split_sizes)
+    train = easy_vqa_examples("train", seed)
+    all_ids = [f"train/{i}" for i in sorted(_easy_vqa_raw("train")[3])]
+    total = sum(sizes.values())
+    if total > len(all_ids):
+        raise ValueError(f"split sizes ask for {total} train images, easy-VQA has {len(all_ids)}")
+    perm = np.random.RandomState(seed).permutation(len(all_ids))
+    parts, start = {}, 0
+    for name in ["public", *DOMAINS, "pool"]:
+        n = sizes.get(name, 0)
+        parts[name] = {all_ids[i] for i in perm[start:start + n]}
+        start += n
+
+    def on(ids, domains):
+        return [e for d in domains for e in train[d] if e.image_id in ids]
+
+    public = on(parts["public"], DOMAINS)
+    clients = {d: on(parts[d], [d]) for d in DOMAINS}
+    pool_full = on(parts["pool"], DOMAINS)
+    random.Random(seed).shuffle(pool_full)
+    pool = [Example(e.image, e.prompt, None, e.domain, e.image_id) for e in pool_full]
+    test = easy_vqa_examples("test", 0)  # the test set never depends on the run's seed
+    if test_per_domain is not None:
+        test = {d: v[:test_per_domain] for d, v in test.items()}
+    return Federation(public=public, clients=clients, client_domain={d: d for d in DOMAINS},
+                      pool=pool, pool_gold=[e.answer for e in pool_full], test=test,
+                      image_split={k: sorted(v) for k, v in parts.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Preference pairs
+# ----------------------------------------------------------------------------------------------
+
+EOS = "<|im_end|>"
+
+
+@dataclass
+class Pair:
+    image: str
+    prompt: str
+    chosen: str  # response text, end token included when the response ends properly
+    rejected: str
+    domain: str = ""
+
+
+def make_pairs(examples: list[Example], seed: int, per_question: int = 2) -> list[Pair]:
+    """Turn labelled questions into preference pairs whose rejected side covers what a sampling
+    policy emits: a wrong answer of the same domain (most often), an answer of another domain,
+    the right answer without the end token, the right answer repeated, an empty response, and a
+    wrong answer repeated. Without the malformed kinds an RM is hacked within ~150 GRPO steps.
+    """
+    rng = random.Random(f"pairs-{seed}")
+    all_answers = [a for d in DOMAINS for a in DOMAIN_ANSWERS[d]]
+    kinds = ["wrong"] * 5 + ["other_domain", "no_eos", "repeat", "empty", "wrong_repeat"]
+    pairs = []
+    for e in examples:
+        same = [a for a in DOMAIN_ANSWERS[e.domain] if a != e.answer] if e.domain in DOMAIN_ANSWERS else []
+        if not same:
+            same = [a for a in all_answers if a != e.answer]
+        for _ in range(per_question):
+            kind = rng.choice(kinds)
+            wrong = rng.choice(same)
+            rejected = {
+                "wrong": wrong + EOS,
+                "other_domain": rng.choice([a for a in all_answers if a not in same and a != e.answer]) + EOS,
+                "no_eos": e.answer,
+                "repeat": f"{e.answer} {e.answer}" + EOS,
+                "empty": EOS,
+                "wrong_repeat": f"{wrong} {wrong} {wrong}",
+            }[kind]
+            pairs.append(Pair(e.image, e.prompt, e.answer + EOS, rejected, e.domain))
+    return pairs
+
+
+def extract_answer(response: str) -> str | None:
+    """The answer of a *well-formed* response: exactly one word followed by the end token.
+    Anything else (no end token, several words, empty) is malformed and returns None."""
+    if not response.endswith(EOS):
+        return None
+    body = response[: -len(EOS)].strip()
+    if not body or len(body.split()) != 1 or "<|" in body:
+        return None
+    return body.lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Tokenizer and tiny checkpoints
+# ----------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
+ROLE_WORDS = ["system", "user", "assistant"]
+WORD_RE = re.compile(r"\w+|[^\w\s]+")
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+
+# Qwen-style chat template; `{IMAGE}` is the family's image placeholder (the processor expands it
+# to one token per merged vision patch).
+_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for c in message['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{- 'IMAGE' -}}"
+    "{%- elif c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+IMAGE_PLACEHOLDER = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                     "llava_onevision": "<image>"}
+
+
+def benchmark_vocab() -> list[str]:
+    """Every word of easy-VQA's questions and answers, the position questions, the captions of
+    the synthetic pre-training and the chat roles; sorted, so ids are stable."""
+    qs_tr, a_tr, _, _ = _easy_vqa_raw("train")
+    qs_te, a_te, _, _ = _easy_vqa_raw("test")
+    words = set()
+    for text in [*qs_tr, *a_tr, *qs_te, *a_te, *[t for v in POSITION_TEMPLATES.values() for t in v],
+                 *POSITIONS, *CAPTION_WORDS, *ROLE_WORDS]:
+        words.update(WORD_RE.findall(text.lower().replace("{c}", "").replace("{s}", "")))
+    return sorted(words)
+
+
+def build_tokenizer(family: str = "qwen2_vl"):
+    """Word-level tokenizer (HF `tokenizers`), lower-casing, whitespace pre-tokenizer. The chat
+    template's newlines vanish in pre-tokenization, which is what we want for a tiny vocab."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in benchmark_vocab():
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token=None, eos_token=EOS, pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<pad>", "<unk>", EOS)],
+        padding_side="left", truncation_side="left", model_max_length=1024)
+    tok.chat_template = _TEMPLATE.replace("IMAGE", IMAGE_PLACEHOLDER[family])
+    return tok
+
+
+# Sizes of the tiny models. Patch 4 on 64x64 gives a 16x16 patch grid, merged 4x4 into 16 image
+# tokens. Measured (shape questions only, batch 64, lr 1e-3, 1 thread): patch 8 / merge 2 reached
+# 62% shape accuracy after 600 steps; patch 4 / merge 4 reached 87% after 300 steps at 2.8x the
+# cost per step, so the shape domain is learnable from one client's data (DESIGN 4 asked for patch
+# 8 "or better"). The language model still sees 16 image tokens, as with patch 8 / merge 2.
+TINY = dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vision_depth=2, vision_dim=64,
+            vision_heads=4, patch=4, merge=4, image=64, llava_patch=16)
+
+
+def _qwen_rope(head_dim: int) -> dict:
+    # The default mrope_section [16, 24, 24] assumes head_dim 128; it must sum to head_dim / 2.
+    return {"rope_type": "default", "rope_theta": 1_000_000.0,
+            "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
+
+
+def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: dict | None = None) -> str:
+    """Build a randomly initialised tiny checkpoint of `family` and save it like a real one.
+
+    The directory holds config.json, generation_config.json, model.safetensors, the tokenizer
+    and the processor; `load_vlm(out_dir)` reads it back through the Auto classes.
+    """
+    import transformers as tf
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+    s = dict(TINY, **(size or {}))
+    tok = build_tokenizer(family)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[EOS], pad_token_id=ids["<pad>"])
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                num_key_value_heads=s["kv_heads"], hidden_act="silu", max_position_embeddings=1024,
+                rms_norm_eps=1e-6, attention_dropout=0.0, use_sliding_window=False, **special)
+    if family == "qwen2_vl":
+        text["rope_parameters"] = _qwen_rope(head_dim)
+        vision = dict(depth=s["vision_depth"], embed_dim=s["vision_dim"], num_heads=s["vision_heads"],
+                      hidden_size=s["hidden"], mlp_ratio=4, patch_size=s["patch"], temporal_patch_size=2,
+                      spatial_merge_size=s["merge"], in_channels=3)
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                  image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                  vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"])
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        text["rope_parameters"] = _qwen_rope(head_dim)
+        # window = 2x2 merged units (window_size is in pixels); the last block attends globally.
+        vision = dict(depth=s["vision_depth"], hidden_size=s["vision_dim"], num_heads=s["vision_heads"],
+                      intermediate_size=4 * s["vision_dim"], out_hidden_size=s["hidden"],
+                      patch_size=s["patch"], temporal_patch_size=2, spatial_merge_size=s["merge"], in_channels=3,
+                      window_size=s["patch"] * s["merge"] * 2, fullatt_block_indexes=[s["vision_depth"] - 1])
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                     image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                     vision_start_token_id=ids["<|vision_start|>"],
+                                     vision_end_token_id=ids["<|vision_end|>"])
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        # SigLIP tower at patch 16 -> 4x4 = 16 base tokens, one 64x64 anyres tile adds 16 more plus
+        # 4 row-newline tokens (36 in all). LLaVA has no patch merger, so a finer patch costs 4x
+        # the tokens: it serves the colour client, which needs no fine detail.
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0}
+        text["model_type"] = "qwen2"
+        vision = dict(model_type="siglip_vision_model", hidden_size=s["vision_dim"],
+                      intermediate_size=4 * s["vision_dim"], num_hidden_layers=s["vision_depth"],
+                      num_attention_heads=s["vision_heads"], image_size=s["image"], patch_size=s["llava_patch"],
+                      num_channels=3)
+        config = tf.LlavaOnevisionConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                         image_token_id=ids["<image>"], video_token_id=ids["<video>"],
+                                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                         image_grid_pinpoints=[[s["image"], s["image"]]],
+                                         vision_aspect_ratio="anyres_max_1")
+        cls = tf.LlavaOnevisionForConditionalGeneration
+    for k, v in special.items():  # otherwise Qwen's 151643/151645 leak through (DESIGN 7)
+        setattr(config, k, v)
+        setattr(config.get_text_config(), k, v)
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32)
+    model.generation_config = tf.GenerationConfig(**special, do_sample=False)
+    out_dir = str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _build_processor(family, tok, s).save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_processor(family: str, tok, s: dict):
+    import transformers as tf
+
+    px = s["image"] * s["image"]
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        ip = tf.Qwen2VLImageProcessor(patch_size=s["patch"], merge_size=s["merge"], temporal_patch_size=2,
+                                      size={"shortest_edge": px, "longest_edge": px})
+        proc_cls = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+        return proc_cls(image_processor=ip, tokenizer=tok, video_processor=tf.Qwen2VLVideoProcessor(),
+                        chat_template=tok.chat_template)
+    ip = tf.LlavaOnevisionImageProcessor(size={"height": s["image"], "width": s["image"]},
+                                         crop_size={"height": s["image"], "width": s["image"]},
+                                         image_grid_pinpoints=[[s["image"], s["image"]]], do_pad=True)
+    return tf.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok,
+                                      video_processor=tf.LlavaOnevisionVideoProcessor(),
+                                      chat_template=tok.chat_template, num_image_tokens=(s["image"] // s["llava_patch"]) ** 2,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1")
+
+
+def _refuse_unsafe_dir(path: str) -> None:
+    """A checkpoint directory is an upload from outside: only safetensors weights, no code."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    bad = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".py", ".ckpt")]
+    if bad:
+        raise ValueError(f"{path}: refusing to load {', '.join(sorted(bad))}: only safetensors weights "
+                         "and JSON configs are accepted (no pickle, no remote code)")
+    if not any(f.suffix == ".safetensors" for f in p.iterdir()):
+        raise ValueError(f"{path}: no .safetensors weights found")
+    cfg = json.loads((p / "config.json").read_text())
+    if "auto_map" in cfg:
+        raise ValueError(f"{path}/config.json: asks for remote code (auto_map); refused")
+
+
+def load_vlm(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model, processor) from a checkpoint directory, tiny or real, via the Auto classes.
+
+    safetensors only, no trust_remote_code. Real checkpoints default to bf16 on CUDA, tiny ones
+    to fp32 on CPU: the caller passes dtype/device; nothing else differs between them.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = str(path)
+    _refuse_unsafe_dir(path)
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                        trust_remote_code=False).to(device)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The one input-building path
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """Turns (image, prompt[, response]) triples into model inputs, identically for every stage.
+
+    Layout of one row (left-padded): [pad ... pad | chat prompt with image tokens | response].
+    Left padding puts every sequence's last token at index -1 (the RM reads its reward there)
+    and lets `generate` append to a batch directly.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.tok.padding_side = "left"
+        self.pad_id = self.tok.pad_token_id
+        self.eos_id = self.tok.convert_tokens_to_ids(EOS)
+        # Tokens a policy must never emit: the vision placeholders (re-scoring would fail with
+        # "image features and image tokens do not match") and pad.
+        self.banned_ids = []
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<image>",
+                  "<video>", "<pad>", "<unk>"):
+            i = self.tok.convert_tokens_to_ids(t)
+            if i is not None and (i != self.tok.unk_token_id or t == "<unk>"):
+                self.banned_ids.append(i)
+        self._prompt_cache: dict[str, str] = {}
+
+    def prompt_text(self, prompt: str) -> str:
+        text = self._prompt_cache.get(prompt)
+        if text is None:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            self._prompt_cache[prompt] = text
+        return text
+
+    def __call__(self, images: list[str] | list[Image.Image], prompts: list[str],
+                 responses: list[str] | None = None, device: str | torch.device = "cpu") -> dict:
+        """Batch dict for the model. With `responses`, each row is prompt + response and
+        `response_mask` [B, T] marks the response tokens (1) vs prompt/pad (0)."""
+        pil = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
+        texts = [self.prompt_text(p) for p in prompts]
+        if responses is not None:
+            texts = [t + r for t, r in zip(texts, responses)]
+        enc = self.processor(text=texts, images=pil, padding=True, return_tensors="pt")
+        enc = dict(enc)
+        if responses is not None:
+            # Response length in tokens = full length - prompt length (the word-level and BPE
+            # tokenizers alike do not merge across the assistant-turn boundary we append at).
+            plen = self.prompt_lengths(pil, prompts)
+            lens = enc["attention_mask"].sum(1)
+            T = enc["input_ids"].shape[1]
+            pos = torch.arange(T).unsqueeze(0)
+            enc["response_mask"] = (pos >= T - (lens - plen).unsqueeze(1)).long()
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in enc.items()}
+
+    def prompt_lengths(self, pil, prompts) -> torch.Tensor:
+        enc = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, padding=True,
+                             return_tensors="pt")
+        return enc["attention_mask"].sum(1)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Generated ids [B, T] -> response strings with the end token kept (it decides whether
+        a response is well-formed) and pad dropped."""
+        out = []
+        for row in ids.tolist():
+            toks = []
+            for i in row:
+                if i == self.pad_id:
+                    continue
+                toks.append(i)
+                if i == self.eos_id:
+                    break
+            words = self.tok.decode([t for t in toks if t != self.eos_id], skip_special_tokens=True).strip()
+            out.append(words + (EOS if toks and toks[-1] == self.eos_id else ""))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Users' own data: JSONL with validation
+# ----------------------------------------------------------------------------------------------
+
+JSONL_KEYS = {"pairs": ("image", "prompt", "chosen", "rejected"), "prompts": ("image", "prompt"),
+              "eval": ("image", "prompt", "answer")}
+
+
+class DataError(ValueError):
+    """Bad user data; the message names the file, the line and the field."""
+
+
+def load_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
+    """Rows of a user JSONL file of `kind` ('pairs', 'prompts' or 'eval').
+
+    Image paths are relative to the file. Errors name file:line and the field: a line that is not
+    JSON or not an object, a missing or non-string field, an image that is missing or unreadable,
+    chosen == rejected, and an empty file.
+    """
+    if kind not in JSONL_KEYS:
+        raise ValueError(f"unknown JSONL kind {kind!r}; one of {sorted(JSONL_KEYS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in JSONL_KEYS[kind]:
+                if key not in row:
+                    raise DataError(f"{where}: missing field '{key}' (needs {', '.join(JSONL_KEYS[kind])})")
+                if not isinstance(row[key], str) or not row[key].strip():
+                    raise DataError(f"{where}: field '{key}' must be a non-empty string")
+            img = (path.parent / row["image"]).resolve()
+            if not img.is_file():
+                raise DataError(f"{where}: field 'image': file not found: {img}")
+            try:
+                with Image.open(img) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for a corrupt file
+                raise DataError(f"{where}: field 'image': unreadable image {img} ({type(e).__name__})") from None
+            if kind == "pairs" and row["chosen"].strip() == row["rejected"].strip():
+                raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+            row = dict(row, image=str(img))
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: empty file (no rows)")
+    return rows
+
+
+def blind_baseline(train: list[Example], test: dict[str, list[Example]]) -> dict[str, float]:
+    """Accuracy per domain of the best question-only guesser: the majority training answer for
+    each exact question string (falling back to the domain's majority). Gate 1 of the benchmark:
+    it must sit at chance, or the images are not needed to answer."""
+    from collections import Counter, defaultdict
+
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    by_d: dict[str, Counter] = defaultdict(Counter)
+    for e in train:
+        by_q[e.prompt][e.answer] += 1
+        by_d[e.domain][e.answer] += 1
+    acc = {}
+    for d, exs in test.items():
+        hits = 0
+        for e in exs:
+            guess = (by_q.get(e.prompt) or by_d[d]).most_common(1)[0][0]
+            hits += guess == e.answer
+        acc[d] = hits / max(len(exs), 1)
+    return acc

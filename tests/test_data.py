@@ -1,0 +1,141 @@
+"""The easy-VQA federation, the tokenizer/input path and user-data validation."""
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import data
+
+
+def test_splits_disjoint_by_image_and_deterministic(fed):
+    parts = fed.image_split
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(parts[a]) & set(parts[b]), (a, b)
+    # each part's questions live on its own images only
+    assert {e.image_id for e in fed.public} <= set(parts["public"])
+    for name, exs in fed.clients.items():
+        assert exs and {e.image_id for e in exs} <= set(parts[name])
+        assert {e.domain for e in exs} == {fed.client_domain[name]}  # a client keeps its domain only
+    assert {e.image_id for e in fed.pool} <= set(parts["pool"])
+    assert all(e.answer is None for e in fed.pool) and len(fed.pool_gold) == len(fed.pool)
+    again = data.build_federation(0)
+    assert [(e.image_id, e.prompt, e.answer) for e in again.public] == [(e.image_id, e.prompt, e.answer) for e in fed.public]
+    assert [e.prompt for e in again.pool] == [e.prompt for e in fed.pool]
+    other = data.build_federation(1)
+    assert other.image_split["public"] != fed.image_split["public"]
+
+
+def test_test_split_is_large_and_balanced(fed):
+    for d, exs in fed.test.items():
+        assert len(exs) >= 1000, d  # DESIGN 4: >= 1,000 questions per domain
+        assert {e.domain for e in exs} == {d}
+    pos = [e.answer for e in fed.test["position"]]
+    assert pos.count("left") == pos.count("right") > 0
+    assert pos.count("top") == pos.count("bottom") > 0
+
+
+def test_blind_baseline_sits_at_chance(fed):
+    blind = data.blind_baseline(fed.public, fed.test)
+    chance = {"color": 1 / 8, "shape": 1 / 3, "position": 0.5}
+    for d in data.DOMAINS:
+        assert blind[d] <= chance[d] + 0.05, (d, blind[d])
+
+
+def test_blind_baseline_hand_case():
+    mk = lambda q, a, d="color": data.Example("x.png", q, a, d)
+    train = [mk("q1", "red"), mk("q1", "red"), mk("q1", "blue"), mk("q2", "blue")]
+    test = {"color": [mk("q1", "red"), mk("q2", "red"), mk("q3", "red")]}
+    # q1 -> red (right), q2 -> blue (wrong), q3 unseen -> domain majority: red 2 vs blue 2, first seen wins
+    assert data.blind_baseline(train, test)["color"] == pytest.approx(2 / 3)
+
+
+def test_shape_centroid_and_position_label(tmp_path):
+    img = Image.new("RGB", (64, 64), (240, 240, 230))
+    ImageDraw.Draw(img).ellipse([4, 20, 20, 36], fill=(255, 0, 0))
+    p = tmp_path / "left.png"
+    img.save(p)
+    cx, cy = data.shape_centroid(str(p))
+    assert cx == pytest.approx(12, abs=0.6) and cy == pytest.approx(28, abs=0.6)
+
+
+def test_pairs_cover_what_a_sampler_emits(fed):
+    pairs = data.make_pairs(fed.clients["shape"][:300], seed=0)
+    assert len(pairs) == 600
+    assert all(p.chosen != p.rejected and p.chosen.endswith(data.EOS) for p in pairs)
+    rej = [p.rejected for p in pairs]
+    assert any(not r.endswith(data.EOS) for r in rej)  # no end token
+    assert any(r == data.EOS for r in rej)  # empty
+    assert any(len(r.replace(data.EOS, "").split()) > 1 for r in rej)  # repeats
+    assert any(data.extract_answer(r) in data.COLORS for r in rej)  # other domain
+    assert any(data.extract_answer(r) in data.SHAPES for r in rej)  # wrong, same domain
+    assert all(data.extract_answer(r) is None or data.extract_answer(r) != p.chosen[:-len(data.EOS)]
+               for p, r in zip(pairs, rej))
+
+
+def test_extract_answer():
+    assert data.extract_answer("red<|im_end|>") == "red"
+    assert data.extract_answer(" Red <|im_end|>") == "red"
+    assert data.extract_answer("red") is None
+    assert data.extract_answer("red red<|im_end|>") is None
+    assert data.extract_answer("<|im_end|>") is None
+
+
+def test_tokenizer_and_encoder_round_trip(tiny_dirs, fed):
+    model, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+    tok = proc.tokenizer
+    text = "what is the blue shape ? circle"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.unk_token_id not in tok(" ".join(e.prompt for e in fed.public[:200]))["input_ids"]
+    enc = data.Encoder(proc)
+    ex = fed.public[:3]
+    resp = ["circle<|im_end|>", "red red<|im_end|>", "left"]
+    b = enc([e.image for e in ex], [e.prompt for e in ex], resp)
+    ids, rm = b["input_ids"], b["response_mask"]
+    for i, r in enumerate(resp):
+        got = tok.convert_ids_to_tokens(ids[i][rm[i].bool()].tolist())
+        assert got == tok.tokenize(r), (got, r)
+    assert (ids[:, -1] != tok.pad_token_id).all()  # left padding: the last token is real
+    img_id = model.config.image_token_id
+    assert torch.equal(b["mm_token_type_ids"].bool(), ids == img_id)  # M-RoPE needs them (DESIGN 7)
+    assert ((ids == img_id).sum(1) == 16).all()  # 64x64, patch 4, merge 4 -> 16 image tokens
+    gen = torch.tensor([[tok.convert_tokens_to_ids("red"), enc.eos_id, enc.pad_id],
+                        [tok.convert_tokens_to_ids("left"), tok.convert_tokens_to_ids("left"),
+                         tok.convert_tokens_to_ids("left")]])
+    assert enc.decode(gen) == ["red<|im_end|>", "left left left"]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+
+
+def test_jsonl_loader_validates(tmp_path, fed):
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = {"image": "a.png", "prompt": "what color?", "chosen": "red<|im_end|>", "rejected": "blue<|im_end|>"}
+    f = tmp_path / "ok.jsonl"
+    _write_jsonl(f, [good, good])
+    rows = data.load_jsonl(f, "pairs")
+    assert len(rows) == 2 and rows[0]["image"] == str((tmp_path / "a.png").resolve())
+    cases = {
+        "badjson": ([good, "{not json"], "bad.jsonl:2: not valid JSON"),
+        "missing": ([good, {k: v for k, v in good.items() if k != "rejected"}], "missing field 'rejected'"),
+        "noimage": ([dict(good, image="nope.png")], "bad.jsonl:1: field 'image': file not found"),
+        "unreadable": ([dict(good, image="broken.png")], "field 'image': unreadable image"),
+        "same": ([dict(good, rejected=good["chosen"])], "'chosen' and 'rejected' are identical"),
+        "notobj": (["[1, 2]"], "expected a JSON object"),
+        "empty_field": ([dict(good, prompt="  ")], "field 'prompt' must be a non-empty string"),
+    }
+    for name, (rows, msg) in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        _write_jsonl(bad, rows)
+        with pytest.raises(data.DataError, match=msg.replace("(", r"\(").replace("?", r"\?")):
+            data.load_jsonl(bad, "pairs")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(data.DataError, match="empty.jsonl: empty file"):
+        data.load_jsonl(empty, "prompts")
+    with pytest.raises(data.DataError, match="file not found"):
+        data.load_jsonl(tmp_path / "absent.jsonl", "eval")

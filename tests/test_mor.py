@@ -1,0 +1,85 @@
+"""Pipeline pieces: SFT lowers the loss, the eval counts right, stages resume, writes are atomic."""
+import json
+
+import pytest
+import torch
+
+import data
+import mor
+
+
+def test_sft_lowers_the_loss(tiny_dirs, fed):
+    torch.manual_seed(0)
+    model, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+    enc = data.Encoder(proc)
+    exs = fed.public[:64]
+    batch = enc([e.image for e in exs], [e.prompt for e in exs], [e.answer + data.EOS for e in exs])
+    with torch.no_grad():
+        before = mor.sft_loss(model, batch).item()
+    losses = mor.train_sft(model, enc, exs, steps=25, batch_size=32, lr=2e-3, seed=0)
+    with torch.no_grad():
+        after = mor.sft_loss(model, batch).item()
+    assert len(losses) == 25
+    assert after < 0.5 * before, (before, after)
+
+
+def test_sft_loss_matches_hand_computation():
+    # a 'model' whose logits are fixed: loss = mean CE over the response positions only
+    logits = torch.randn(2, 5, 7)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, **kw):
+            return type("O", (), {"logits": logits})()
+
+    ids = torch.tensor([[0, 3, 4, 5, 6], [3, 4, 2, 1, 6]])
+    resp = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    got = mor.sft_loss(Fixed(), {"input_ids": ids, "response_mask": resp})
+    lp = logits.log_softmax(-1)
+    want = -(lp[0, 2, 5] + lp[0, 3, 6] + lp[1, 3, 6]) / 3
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_evaluate_counts_on_a_hand_made_case(monkeypatch):
+    test = {"color": [data.Example("a", "q", "red", "color"), data.Example("b", "q", "blue", "color"),
+                      data.Example("c", "q", "green", "color")],
+            "shape": [data.Example("d", "q", "circle", "shape")]}
+    answers = {"a": "red<|im_end|>", "b": "red<|im_end|>", "c": "green", "d": "circle<|im_end|>"}
+    monkeypatch.setattr(mor, "generate", lambda m, e, images, prompts, **k: [answers[i] for i in images])
+    out = mor.evaluate(torch.nn.Linear(1, 1), None, test, batch_size=2)
+    assert out["correct"] == {"color": [1, 0, 0], "shape": [1]}  # 'green' lacks the end token
+    assert out["accuracy"]["color"] == pytest.approx(1 / 3) and out["accuracy"]["shape"] == 1.0
+    assert out["malformed_share"] == pytest.approx(1 / 4)
+
+
+def test_win_rate_hand_computation():
+    assert mor.win_rate([1, 0, 1, 0], [0, 1, 1, 0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+
+
+def test_atomic_dir_keeps_the_old_state_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with mor.atomic_dir(target) as t:
+        (t / "f").write_text("good")
+    with pytest.raises(RuntimeError):
+        with mor.atomic_dir(target) as t:
+            (t / "f").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (target / "f").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp debris
+
+
+def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--quick", "--run-dir", str(run), "--sft-steps", "6", "--test-per-domain", "16"]
+    assert mor.main(args) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["domains"] == data.DOMAINS
+    assert res["eval_questions_per_domain"] == {d: 16 for d in data.DOMAINS}
+    for key in ("blind", "reference", "chance"):
+        assert set(res[key]) == set(data.DOMAINS) and all(0 <= v <= 1 for v in res[key].values())
+    assert "reference (SFT)" in (run / "results.md").read_text()
+    stamp = (run / "base" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert mor.main(args) == 0
+    out = capsys.readouterr().out
+    assert "[sft] done already" in out and "[eval] done already" in out
+    assert (run / "base" / "model.safetensors").stat().st_mtime_ns == stamp

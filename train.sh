@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# mor: one command for everything.
+#   bash train.sh [mor.py flags]   set up (first time), then run the pipeline on the embedded default
+#   bash train.sh test [pytest args]   set up (first time), then run the test suite
+# Setup: if the current python3 already imports every package mor needs (e.g. a GPU box with its own
+# CUDA torch), it is used as is; otherwise a virtualenv .venv is created from requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+NEEDS="import torch, torchvision, transformers, safetensors, tqdm, pytest, easy_vqa, PIL, numpy"
+PY=${MOR_PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "$NEEDS" 2>/dev/null; then
+    PY=.venv/bin/python
+  elif python3 -c "$NEEDS" 2>/dev/null; then
+    PY=python3
+  else
+    echo "[setup] creating .venv and installing requirements.txt (a few minutes, once)" >&2
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
+      | grep -v "^WARNING: Location" >&2 || true
+    .venv/bin/python -c "$NEEDS" || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
+    PY=.venv/bin/python
+  fi
+fi
+
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec "$PY" -m pytest -q tests "$@"
+fi
+exec "$PY" mor.py "$@"
