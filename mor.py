@@ -75,6 +75,7 @@ def atomic_dir(path: str | Path):
 
 
 def set_seed(seed: int) -> None:
+    """Python's and torch's RNGs; on CPU the same seed then gives the same weights and results."""
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -85,7 +86,11 @@ def set_seed(seed: int) -> None:
 
 
 def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Mean token cross-entropy over response tokens. batch: Encoder output with response_mask."""
+    """Mean token cross-entropy over response tokens. batch: Encoder output with response_mask.
+
+      L_SFT = - (1 / sum_t m_t) * sum_t m_t * log p_theta(y_t | x, y_<t)      m: response mask
+    Prompt and image tokens carry no loss: the reference learns to answer, not to ask.
+    """
     batch = dict(batch)
     resp = batch.pop("response_mask")  # [B, T]
     logits = model(**batch).logits[:, :-1]  # [B, T-1, V]: position t predicts token t+1
@@ -93,26 +98,46 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def balanced_batches(examples: list, batch_size: int, seed: int):
+    """Endless batches with an equal share of every domain (shuffled epochs per domain).
+
+    Colour is learned in a few dozen steps and shape needs hundreds (DESIGN 4); sampling the
+    domains evenly keeps the slow domains from being starved by the easy, frequent one."""
+    rng = random.Random(seed)
+    by_dom: dict[str, list] = {}
+    for e in examples:
+        by_dom.setdefault(e.domain, []).append(e)
+    doms = sorted(by_dom)
+    orders = {d: [] for d in doms}
+    while True:
+        batch = []
+        for j, d in enumerate(doms):
+            k = batch_size // len(doms) + (j < batch_size % len(doms))
+            while len(orders[d]) < k:
+                perm = by_dom[d][:]
+                rng.shuffle(perm)
+                orders[d] += perm
+            batch += orders[d][:k]
+            orders[d] = orders[d][k:]
+        yield batch
+
+
 def train_sft(model, encoder: data.Encoder, examples: list[data.Example], steps: int, batch_size: int,
               lr: float, seed: int, desc: str = "sft") -> list[float]:
-    """AdamW on shuffled epochs of `examples`; returns the loss per step."""
+    """AdamW on domain-balanced batches of `examples`; returns the loss per step."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    order: list[int] = []
+    batches = balanced_batches(examples, batch_size, seed)
     losses = []
     model.train()
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=None)
     for _ in bar:
-        if len(order) < batch_size:
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch_size], order[batch_size:]
-        b = [examples[i] for i in idx]
+        b = next(batches)
+        # chosen = gold answer + end token: the reference must learn to stop after one word,
+        # or every later reward model sees malformed samples from the very first GRPO step.
         batch = encoder([e.image for e in b], [e.prompt for e in b], [e.answer + data.EOS for e in b], device)
         loss = sft_loss(model, batch)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # skip and log rather than poison the AdamW moments
             tqdm.write(f"{desc}: non-finite loss, batch skipped")
             continue
         opt.zero_grad(set_to_none=True)
@@ -135,12 +160,16 @@ def generate(model, encoder: data.Encoder, images, prompts, max_new_tokens: int 
              num_return_sequences: int = 1) -> list[str]:
     """One `generate` call for the whole batch; vision placeholders and pad suppressed."""
     device = next(model.parameters()).device
-    batch = encoder(images, prompts, device=device)
+    batch = encoder(images, prompts, device=device)  # left-padded prompts [B, T_prompt]
+    # Suppressing <|image_pad|> & co. keeps sampled responses re-scorable: one stray placeholder
+    # and the next forward fails with "image features and image tokens do not match" (DESIGN 7).
+    # mm_token_type_ids travels in `batch`; without it generate silently falls back to 1-D
+    # positions and sampling and scoring disagree.
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy,
                          num_return_sequences=num_return_sequences, suppress_tokens=encoder.banned_ids,
                          pad_token_id=encoder.pad_id, eos_token_id=encoder.eos_id,
                          top_k=None, top_p=None, temperature=None if greedy else 1.0)
-    return encoder.decode(out[:, batch["input_ids"].shape[1]:])
+    return encoder.decode(out[:, batch["input_ids"].shape[1]:])  # new tokens only [B*n, <=max_new]
 
 
 def judge(response: str, gold: str) -> bool:
@@ -153,6 +182,8 @@ def evaluate(model, encoder: data.Encoder, test: dict[str, list[data.Example]], 
     """Greedy answers per domain -> {'accuracy': {domain: acc}, 'correct': {domain: [0/1 ...]},
     'malformed_share': float}. The per-question 0/1 vectors feed the win rate (E9)."""
     model.eval()
+    # correct[d]: 0/1 per test question, in test order, so two policies' vectors align for E9's
+    # win rate; malformed = not "<one word><|im_end|>", the reward-hacking signature (gate 5).
     correct, malformed, total = {}, 0, 0
     bar = tqdm(total=sum(len(v) for v in test.values()), desc=desc, dynamic_ncols=True, disable=None)
     for d, exs in test.items():
@@ -182,11 +213,16 @@ def win_rate(policy_correct: list[int], ref_correct: list[int]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 QUICK = dict(sft_steps=40, test_per_domain=128)
-DEFAULT = dict(sft_steps=120, test_per_domain=None)
+DEFAULT = dict(sft_steps=300, test_per_domain=None)
 
 
 class Run:
-    """One run directory: its config, the federation, the stage outputs and their wall times."""
+    """One run directory: its config, the federation, the stage outputs and their wall times.
+
+    A stage is finished when its output path exists; outputs appear only through an atomic
+    rename, so existence means complete, and a killed run resumes at the first missing output.
+    The federation is rebuilt from the seed on demand (1.5 s): it is a pure function of it.
+    """
 
     def __init__(self, args):
         self.args = args
@@ -261,7 +297,8 @@ def stage_eval(run: Run) -> None:
 
 
 def _chance(exs: list[data.Example]) -> float:
-    """Accuracy of a uniform guess among the answers the question admits."""
+    """Accuracy of a uniform guess among the answers the question admits (position questions
+    name their two candidates, "left or right?", so chance is 1/2 there)."""
     d = exs[0].domain if exs else ""
     return 0.5 if d == "position" else 1.0 / len(data.DOMAIN_ANSWERS.get(d, [None]))
 
@@ -299,7 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=int(os.environ.get("MOR_THREADS", "0")),
                    help="torch CPU threads (0: torch's default); compare speeds at one fixed count")
     p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--sft-batch", type=int, default=32)
+    p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     a = p.parse_args(argv)
@@ -320,7 +357,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
-    atomic_write_json(run.dir / "config.json", {k: v for k, v in vars(a).items()})
+    # the flags of the latest invocation, for the record (stages already done keep their outputs)
+    atomic_write_json(run.dir / "config.json", vars(a))
     for name in a.stages.split(","):
         if run.done(name) and not a.force:
             print(f"[{name}] done already ({run.dir / STAGE_OUTPUT[name]}), skipped")
@@ -330,6 +368,15 @@ def main(argv=None) -> int:
         STAGES[name](run)
         run.record_time(name, time.time() - t)
         print(f"[{name}] {time.time() - t:.1f}s", flush=True)
+    # The tables are written inside `eval`, before its own time is known: stamp every stage's
+    # wall time (including eval's) into them now.
+    res_path = run.dir / "results.json"
+    if res_path.exists():
+        res = json.loads(res_path.read_text())
+        if res.get("wall_seconds") != run.timings:
+            res["wall_seconds"] = run.timings
+            atomic_write_json(res_path, res)
+            atomic_write_text(run.dir / "results.md", results_markdown(res))
     return 0
 
 
