@@ -40,6 +40,7 @@ import data
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a hidden temp file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -67,6 +68,8 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Two renames: the old output moves aside, the new one takes its name. A kill between them
+    # leaves the previous good copy under .old*, never a half-written directory under `path`.
     old = path.with_name(f".{path.name}.old{os.getpid()}")
     if path.exists():
         os.replace(path, old)
@@ -103,7 +106,7 @@ def balanced_batches(examples: list, batch_size: int, seed: int):
 
     Colour is learned in a few dozen steps and shape needs hundreds (DESIGN 4); sampling the
     domains evenly keeps the slow domains from being starved by the easy, frequent one."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # its own RNG: the batch order depends on the seed and nothing else
     by_dom: dict[str, list] = {}
     for e in examples:
         by_dom.setdefault(e.domain, []).append(e)
@@ -112,6 +115,7 @@ def balanced_batches(examples: list, batch_size: int, seed: int):
     while True:
         batch = []
         for j, d in enumerate(doms):
+            # k rows of domain d; the remainder of batch_size / n_domains goes to the first ones
             k = batch_size // len(doms) + (j < batch_size % len(doms))
             while len(orders[d]) < k:
                 perm = by_dom[d][:]
@@ -212,6 +216,9 @@ def win_rate(policy_correct: list[int], ref_correct: list[int]) -> float:
 # The pipeline
 # ----------------------------------------------------------------------------------------------
 
+# Run sizes. DEFAULT's reference (300 balanced steps of 64) measured 97.8 / 46.7 / 74.4 % on
+# colour / shape / position: above the blind baseline everywhere, with room left to align.
+# QUICK is a smoke run (under a minute), not a result.
 QUICK = dict(sft_steps=40, test_per_domain=128)
 DEFAULT = dict(sft_steps=300, test_per_domain=None)
 
@@ -262,8 +269,10 @@ def base_init_dir(run: Run) -> Path:
 def stage_sft(run: Run) -> None:
     a = run.args
     set_seed(a.seed)
+    # The same loader as for a real checkpoint: --base DIR swaps the tiny model for a real one.
     model, proc = data.load_vlm(base_init_dir(run), device=run.device)
     enc = data.Encoder(proc)
+    # Public split only: the server never sees a client's questions (those stay in clients/).
     losses = train_sft(model, enc, run.fed.public, a.sft_steps, a.sft_batch, a.sft_lr, a.seed)
     with atomic_dir(run.dir / "base") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -278,6 +287,8 @@ def stage_eval(run: Run) -> None:
     fed = run.fed
     model, proc = data.load_vlm(run.dir / "base", device=run.device)
     ref = evaluate(model, data.Encoder(proc), fed.test, desc="eval reference")
+    # Gate 1 of the benchmark: a question-only guesser fitted on the public split must sit at
+    # chance, else the table would measure the text shortcut rather than vision (DESIGN 4).
     blind = data.blind_baseline(fed.public, fed.test)
     results = {
         "domains": list(fed.test),
@@ -304,6 +315,8 @@ def _chance(exs: list[data.Example]) -> float:
 
 
 def results_markdown(r: dict) -> str:
+    """results.json -> the markdown table: one row per accuracy source, one column per domain,
+    and an overall column weighted by the number of test questions of each domain."""
     doms = r["domains"]
     lines = ["| | " + " | ".join(doms) + " | overall |", "|---|" + "---|" * (len(doms) + 1)]
 
@@ -320,6 +333,8 @@ def results_markdown(r: dict) -> str:
     return "\n".join(out)
 
 
+# Stage name -> function, and the path whose existence marks it finished (see `Run`).
+# Stages run in this order; later issues append reward, router, grpo.
 STAGES = {"base": stage_base, "sft": stage_sft, "eval": stage_eval}
 STAGE_OUTPUT = {"base": "base_init", "sft": "base", "eval": "results.json"}
 

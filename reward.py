@@ -40,10 +40,15 @@ class RewardModel(nn.Module):
 
     def __init__(self, vlm, processor, mean: float = 0.0, std: float = 1.0, info: dict | None = None):
         super().__init__()
-        self.vlm = vlm  # kept whole so it saves/loads as a normal checkpoint; only .model runs
+        # The whole VLM is kept so the upload is a normal checkpoint that loads with the Auto
+        # classes; only `.model` (vision tower + decoder) runs: the LM head's [T, V] logits would
+        # be wasted work, and at a real vocabulary (152k) the largest tensor of the forward.
+        self.vlm = vlm
         self.processor = processor
         self.encoder = data.Encoder(processor)
         hidden = vlm.config.get_text_config().hidden_size
+        # w: [1, H], b: [1]; small init so the first BT gradients come from the backbone's
+        # features rather than from a large random head.
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1.0 / hidden ** 0.5)
         nn.init.zeros_(self.head.bias)
@@ -146,8 +151,8 @@ def reward_stats(rm: RewardModel, pairs: list[data.Pair], batch_size: int = 128)
     for i in range(0, len(pairs), batch_size):
         rc, rr = rm.pair_rewards(pairs[i:i + batch_size])
         rs += [rc, rr]
-    r = torch.cat(rs)
-    return r.mean().item(), max(r.std().item(), 1e-6)
+    r = torch.cat(rs)  # [2N]: chosen and rejected alike, the distribution GRPO samples will span
+    return r.mean().item(), max(r.std().item(), 1e-6)  # floor: a constant RM must not divide by 0
 
 
 def train_reward_model(rm: RewardModel, pairs: list[data.Pair], steps: int, batch_size: int, lr: float,
@@ -166,8 +171,8 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], steps: int, batc
             rng.shuffle(perm)
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
-        rc, rr = rm.pair_rewards([pairs[i] for i in idx])
-        loss = bradley_terry_loss(rc, rr)
+        rc, rr = rm.pair_rewards([pairs[i] for i in idx])  # [B], [B] from one [2B, T] forward
+        loss = bradley_terry_loss(rc, rr)  # E1
         if not torch.isfinite(loss):
             tqdm.write(f"{desc}: non-finite loss, batch skipped")
             continue
@@ -179,6 +184,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], steps: int, batc
         accs.append((rc > rr).float().mean().item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
                         acc=f"{sum(accs[-20:]) / len(accs[-20:]):.3f}")
+    # Stats over the training pairs only (never another client's data), shipped in reward.json.
     rm.mean, rm.std = reward_stats(rm, pairs)
     rm.eval()
     return losses
