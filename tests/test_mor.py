@@ -83,3 +83,29 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[sft] done already" in out and "[eval] done already" in out
     assert (run / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+        losses = mor.train_sft(model, data.Encoder(proc), fed.public[:96], steps=3, batch_size=24, lr=1e-3, seed=5)
+        runs.append((losses, next(model.parameters()).detach().clone()))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_balanced_batches_share_domains_evenly(fed):
+    b = next(mor.balanced_batches(fed.public, 64, seed=0))
+    counts = {d: sum(e.domain == d for e in b) for d in data.DOMAINS}
+    assert len(b) == 64 and sorted(counts.values()) == [21, 21, 22]
+
+
+def test_base_flag_takes_a_checkpoint_directory(tiny_dirs, tmp_path):
+    run = tmp_path / "run"
+    assert mor.main(["--quick", "--run-dir", str(run), "--base", str(tiny_dirs["qwen2_5_vl"]),
+                     "--stages", "base,sft", "--sft-steps", "2"]) == 0
+    assert not (run / "base_init").exists()  # the base stage is skipped for a given checkpoint
+    cfg = json.loads((run / "base" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
