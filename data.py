@@ -535,19 +535,16 @@ class Encoder:
         enc = self.processor(text=texts, images=pil, padding=True, return_tensors="pt")
         enc = dict(enc)
         if responses is not None:
-            # Response length in tokens = full length - prompt length (the word-level and BPE
-            # tokenizers alike do not merge across the assistant-turn boundary we append at).
-            plen = self.prompt_lengths(pil, prompts)
-            lens = enc["attention_mask"].sum(1)
+            # Response length in tokens, from the response text alone (no second pass over the
+            # images): the prompt ends at the assistant turn's newline, and neither the word-level
+            # nor Qwen's BPE pre-tokenizer merges across it. Left padding puts every response
+            # at the end of its row: response_mask = the last n_i positions of row i.
+            n_resp = torch.tensor([len(ids) for ids in
+                                   self.tok(list(responses), add_special_tokens=False)["input_ids"]])
             T = enc["input_ids"].shape[1]
             pos = torch.arange(T).unsqueeze(0)
-            enc["response_mask"] = (pos >= T - (lens - plen).unsqueeze(1)).long()
+            enc["response_mask"] = (pos >= T - n_resp.unsqueeze(1)).long()
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in enc.items()}
-
-    def prompt_lengths(self, pil, prompts) -> torch.Tensor:
-        enc = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, padding=True,
-                             return_tensors="pt")
-        return enc["attention_mask"].sum(1)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated ids [B, T] -> response strings with the end token kept (it decides whether
