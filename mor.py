@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -255,11 +254,9 @@ class Run:
 
 
 def stage_base(run: Run) -> None:
-    a = run.args
+    """The embedded default's base: a tiny Qwen2-VL from a config (skipped when --base is given)."""
     with atomic_dir(run.dir / "base_init") as tmp:
-        if a.base:
-            raise SystemExit("--base points at a checkpoint: the base stage is skipped for it")
-        data.build_tiny("qwen2_vl", tmp, seed=a.seed)
+        data.build_tiny("qwen2_vl", tmp, seed=run.args.seed)
 
 
 def base_init_dir(run: Run) -> Path:
@@ -342,17 +339,18 @@ STAGE_OUTPUT = {"base": "base_init", "sft": "base", "eval": "results.json"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="where every stage writes (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the init and every sampler")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes: small steps, 128 test questions/domain")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
     p.add_argument("--force", action="store_true", help="rerun the named stages even if their output exists")
     p.add_argument("--base", default=None, help="a local Qwen2-VL/Qwen2.5-VL checkpoint dir to use as the base")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (cuda loads in bf16); default: cuda when available")
     p.add_argument("--threads", type=int, default=int(os.environ.get("MOR_THREADS", "0")),
                    help="torch CPU threads (0: torch's default); compare speeds at one fixed count")
-    p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--sft-batch", type=int, default=64)
-    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--sft-steps", type=int, default=None, help="reference SFT steps (default 300, --quick 40)")
+    p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW learning rate of the SFT")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
