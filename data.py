@@ -25,7 +25,8 @@ What is here, in reading order:
      with the real transformers classes, saved with save_pretrained and loaded back with the Auto
      classes exactly like a downloaded checkpoint directory.
   5. `Encoder`: chat template -> processor (image tokens, mm_token_type_ids, left padding) -> tensors.
-  6. JSONL loading of users' own data with validation (file + line + field in every error).
+  6. Domain-balanced batches and the guarded optimizer step the training loops share.
+  7. JSONL loading of users' own data with validation (file + line + field in every error).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------------------------
 # 1. Domains and questions
@@ -564,7 +566,50 @@ class Encoder:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Users' own data: JSONL with validation
+# 6. Batches and the optimizer step every training loop shares (SFT, reward models, ...)
+# ----------------------------------------------------------------------------------------------
+
+
+def balanced_batches(examples: list, batch_size: int, seed: int):
+    """Endless batches with an equal share of every domain (shuffled epochs per domain).
+
+    Colour is learned in a few dozen steps and shape needs hundreds (DESIGN 4); sampling the
+    domains evenly keeps the slow domains from being starved by the easy, frequent one."""
+    rng = random.Random(seed)  # its own RNG: the batch order depends on the seed and nothing else
+    by_dom: dict[str, list] = {}
+    for e in examples:
+        by_dom.setdefault(e.domain, []).append(e)
+    doms = sorted(by_dom)
+    orders = {d: [] for d in doms}
+    while True:
+        batch = []
+        for j, d in enumerate(doms):
+            # k rows of domain d; the remainder of batch_size / n_domains goes to the first ones
+            k = batch_size // len(doms) + (j < batch_size % len(doms))
+            while len(orders[d]) < k:
+                perm = by_dom[d][:]
+                rng.shuffle(perm)
+                orders[d] += perm
+            batch += orders[d][:k]
+            orders[d] = orders[d][k:]
+        yield batch
+
+
+def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, desc: str, max_norm: float = 1.0) -> bool:
+    """zero_grad -> backward -> clip the global grad norm -> step; False (and a log line) when
+    the loss is NaN/inf, so the batch is skipped rather than poisoning the AdamW moments."""
+    if not torch.isfinite(loss):
+        tqdm.write(f"{desc}: non-finite loss, batch skipped")
+        return False
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Users' own data: JSONL with validation
 # ----------------------------------------------------------------------------------------------
 
 JSONL_KEYS = {"pairs": ("image", "prompt", "chosen", "rejected"), "prompts": ("image", "prompt"),

@@ -100,37 +100,12 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def balanced_batches(examples: list, batch_size: int, seed: int):
-    """Endless batches with an equal share of every domain (shuffled epochs per domain).
-
-    Colour is learned in a few dozen steps and shape needs hundreds (DESIGN 4); sampling the
-    domains evenly keeps the slow domains from being starved by the easy, frequent one."""
-    rng = random.Random(seed)  # its own RNG: the batch order depends on the seed and nothing else
-    by_dom: dict[str, list] = {}
-    for e in examples:
-        by_dom.setdefault(e.domain, []).append(e)
-    doms = sorted(by_dom)
-    orders = {d: [] for d in doms}
-    while True:
-        batch = []
-        for j, d in enumerate(doms):
-            # k rows of domain d; the remainder of batch_size / n_domains goes to the first ones
-            k = batch_size // len(doms) + (j < batch_size % len(doms))
-            while len(orders[d]) < k:
-                perm = by_dom[d][:]
-                rng.shuffle(perm)
-                orders[d] += perm
-            batch += orders[d][:k]
-            orders[d] = orders[d][k:]
-        yield batch
-
-
 def train_sft(model, encoder: data.Encoder, examples: list[data.Example], steps: int, batch_size: int,
               lr: float, seed: int, desc: str = "sft") -> list[float]:
     """AdamW on domain-balanced batches of `examples`; returns the loss per step."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    batches = balanced_batches(examples, batch_size, seed)
+    batches = data.balanced_batches(examples, batch_size, seed)
     losses = []
     model.train()
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=None)
@@ -140,13 +115,8 @@ def train_sft(model, encoder: data.Encoder, examples: list[data.Example], steps:
         # or every later reward model sees malformed samples from the very first GRPO step.
         batch = encoder([e.image for e in b], [e.prompt for e in b], [e.answer + data.EOS for e in b], device)
         loss = sft_loss(model, batch)
-        if not torch.isfinite(loss):  # skip and log rather than poison the AdamW moments
-            tqdm.write(f"{desc}: non-finite loss, batch skipped")
+        if not data.guarded_step(opt, loss, model.parameters(), desc):
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()

@@ -18,7 +18,6 @@ Loading refuses anything that is not safetensors/JSON (no pickle, no remote code
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -160,26 +159,15 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], steps: int, batc
     """AdamW on the BT loss over shuffled epochs of the client's pairs; sets rm.mean/std at the end.
     tqdm shows the running loss and the running pair accuracy on the training batches."""
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    order: list[int] = []
+    batches = data.balanced_batches(pairs, batch_size, seed)  # one domain: shuffled epochs
     losses, accs = [], []
     rm.train()
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=None)
     for _ in bar:
-        if len(order) < batch_size:
-            perm = list(range(len(pairs)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch_size], order[batch_size:]
-        rc, rr = rm.pair_rewards([pairs[i] for i in idx])  # [B], [B] from one [2B, T] forward
+        rc, rr = rm.pair_rewards(next(batches))  # [B], [B] from one [2B, T] forward
         loss = bradley_terry_loss(rc, rr)  # E1
-        if not torch.isfinite(loss):
-            tqdm.write(f"{desc}: non-finite loss, batch skipped")
+        if not data.guarded_step(opt, loss, rm.parameters(), desc):
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-        opt.step()
         losses.append(loss.item())
         accs.append((rc > rr).float().mean().item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",

@@ -97,7 +97,7 @@ def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
 
 
 def test_balanced_batches_share_domains_evenly(fed):
-    b = next(mor.balanced_batches(fed.public, 64, seed=0))
+    b = next(data.balanced_batches(fed.public, 64, seed=0))
     counts = {d: sum(e.domain == d for e in b) for d in data.DOMAINS}
     assert len(b) == 64 and sorted(counts.values()) == [21, 21, 22]
 
