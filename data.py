@@ -548,6 +548,22 @@ class Encoder:
             enc["response_mask"] = (pos >= T - n_resp.unsqueeze(1)).long()
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in enc.items()}
 
+    def encode_shared(self, vlm, images: list, prompts: list[str], responses: list[str] | None = None,
+                      device: str | torch.device = "cpu") -> dict:
+        """Like __call__, but the vision tower runs once per *distinct* image (by path, or by
+        object for PIL images). A preference pair shows one image twice (chosen, rejected) and a
+        GRPO group G times: encoding it once per row would repeat the dominant cost of the
+        forward (the tiny Qwen tower is ~70% of a training step on CPU).
+
+        Returns the batch with `pixel_values` replaced by `mm_encoder_outputs` (transformers 5.x
+        accepts pre-encoded image features in every VLM forward); gradients flow into the vision
+        tower through the shared features as usual."""
+        batch = self(images, prompts, responses, device)
+        first: dict = {}
+        source = [first.setdefault(im if isinstance(im, (str, os.PathLike)) else id(im), i)
+                  for i, im in enumerate(images)]
+        return share_images(vlm, batch, source)
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated ids [B, T] -> response strings with the end token kept (it decides whether
         a response is well-formed) and pad dropped."""
@@ -565,9 +581,40 @@ class Encoder:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Batches and the optimizer step every training loop shares (SFT, reward models, ...)
-# ----------------------------------------------------------------------------------------------
+def image_features(vlm, batch: dict, rows: list[int]) -> tuple:
+    """Vision-tower features of the images of `rows` of an Encoder batch: a tuple with one
+    [tokens_i, H] tensor per row (the form `mm_encoder_outputs` takes).
+
+    Qwen2-VL / 2.5-VL: pixel_values [sum_i patches_i, C*t*p*p] (flattened over images, split by
+    image_grid_thw); LLaVA-OneVision: pixel_values [N, tiles, C, H, W] with image_sizes [N, 2]."""
+    pv = batch["pixel_values"]
+    model = vlm.model  # the VLM body: get_image_features lives there for every family
+    if "image_grid_thw" in batch:
+        grid = batch["image_grid_thw"]  # [N, 3]
+        chunks = pv.split(grid.prod(-1).tolist())
+        out = model.get_image_features(torch.cat([chunks[r] for r in rows]), grid[rows], return_dict=True)
+    else:
+        out = model.get_image_features(pv[rows], batch["image_sizes"][rows], return_dict=True)
+    return tuple(out.pooler_output)
+
+
+def with_image_features(batch: dict, feats: tuple) -> dict:
+    """The batch with pixel_values replaced by pre-computed per-row image features.
+    image_grid_thw / image_sizes stay: they drive the placeholder count and Qwen's 3-D rope."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    b = {k: v for k, v in batch.items() if k != "pixel_values"}
+    b["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+    return b
+
+
+def share_images(vlm, batch: dict, source: list[int]) -> dict:
+    """batch (one image per row) -> same batch where row i uses the image features of row
+    source[i]; the vision tower runs only on the distinct rows named in `source`."""
+    uniq = sorted(set(source))
+    slot = {r: j for j, r in enumerate(uniq)}
+    feats = image_features(vlm, batch, uniq)
+    return with_image_features(batch, tuple(feats[slot[s]] for s in source))
 
 
 def balanced_batches(examples: list, batch_size: int, seed: int):
@@ -592,6 +639,26 @@ def balanced_batches(examples: list, batch_size: int, seed: int):
                 orders[d] += perm
             batch += orders[d][:k]
             orders[d] = orders[d][k:]
+        yield batch
+
+
+def image_batches(pairs: list, batch_size: int, seed: int):
+    """Endless batches of whole image groups: all pairs that share an image land in the same
+    batch (images in shuffled epochs), until the batch holds >= batch_size pairs. With
+    `Encoder.encode_shared` the vision tower then runs once per image, not once per row:
+    measured 3x faster per BT step on the tiny Qwen models."""
+    rng = random.Random(seed)
+    groups: dict[str, list] = {}
+    for p in pairs:
+        groups.setdefault(p.image, []).append(p)
+    keys, order = sorted(groups), []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = keys[:]
+                rng.shuffle(order)
+            batch += groups[order.pop()]
         yield batch
 
 

@@ -3,10 +3,13 @@
 Stages (each writes its output atomically into the run directory; a rerun skips finished ones):
   base  build the tiny Qwen2-VL checkpoint (or take --base DIR, a real checkpoint)  -> base_init/
   sft   short supervised fine-tune on the public split: the server's reference policy -> base/
+  reward  every client trains its Bradley-Terry RM on its own pairs, with its own VLM family
+        (E1); FedAvg-RM in the homogeneous setting (E8); the client x domain pair-accuracy
+        matrix, each entry computed by the client that owns the domain  -> clients/, rm_matrix-*.json
   eval  greedy answers on the test split, judged by exact match (E9), next to the blind
-        (question-only) baseline of each domain                              -> results.json/.md
+        (question-only) baseline of each domain, and the benchmark's gates -> results.json/.md
 
-Later stages (reward, router, grpo) plug into the same `STAGES` table.
+Later stages (router, grpo) plug into the same `STAGES` table.
 
 Usage:  python mor.py [--run-dir runs/default] [--seed 0] [--quick] [--stages sft,eval]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -27,10 +31,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everythin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
+import federated
+import grpo
+import reward
+import router
+from reward import sft_loss, train_sft  # noqa: F401  (the reference SFT; re-exported for tests)
 
 # ----------------------------------------------------------------------------------------------
 # Crash-safe outputs: write beside the target, then rename (atomic on POSIX). A killed run
@@ -47,6 +56,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_file(path: str | Path, tensors: dict) -> None:
+    """safetensors save through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 
 
@@ -80,47 +98,6 @@ def set_seed(seed: int) -> None:
     """Python's and torch's RNGs; on CPU the same seed then gives the same weights and results."""
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# SFT: the reference policy (cross-entropy on the response tokens only)
-# ----------------------------------------------------------------------------------------------
-
-
-def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Mean token cross-entropy over response tokens. batch: Encoder output with response_mask.
-
-      L_SFT = - (1 / sum_t m_t) * sum_t m_t * log p_theta(y_t | x, y_<t)      m: response mask
-    Prompt and image tokens carry no loss: the reference learns to answer, not to ask.
-    """
-    batch = dict(batch)
-    resp = batch.pop("response_mask")  # [B, T]
-    logits = model(**batch).logits[:, :-1]  # [B, T-1, V]: position t predicts token t+1
-    targets = batch["input_ids"][:, 1:].masked_fill(resp[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-
-def train_sft(model, encoder: data.Encoder, examples: list[data.Example], steps: int, batch_size: int,
-              lr: float, seed: int, desc: str = "sft") -> list[float]:
-    """AdamW on domain-balanced batches of `examples`; returns the loss per step."""
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    batches = data.balanced_batches(examples, batch_size, seed)
-    losses = []
-    model.train()
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=None)
-    for _ in bar:
-        b = next(batches)
-        # chosen = gold answer + end token: the reference must learn to stop after one word,
-        # or every later reward model sees malformed samples from the very first GRPO step.
-        batch = encoder([e.image for e in b], [e.prompt for e in b], [e.answer + data.EOS for e in b], device)
-        loss = sft_loss(model, batch)
-        if not data.guarded_step(opt, loss, model.parameters(), desc):
-            continue
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    model.eval()
-    return losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,9 +164,21 @@ def win_rate(policy_correct: list[int], ref_correct: list[int]) -> float:
 
 # Run sizes. DEFAULT's reference (300 balanced steps of 64) measured 97.8 / 46.7 / 74.4 % on
 # colour / shape / position: above the blind baseline everywhere, with room left to align.
-# QUICK is a smoke run (under a minute), not a result.
-QUICK = dict(sft_steps=40, test_per_domain=128)
-DEFAULT = dict(sft_steps=300, test_per_domain=None)
+# The client RMs (SFT warm-up, then BT) reach >= 90% held-out pair accuracy in their own domain
+# with DEFAULT (see README). QUICK is a smoke run, not a result.
+QUICK = dict(sft_steps=40, test_per_domain=128, rm_sft_steps=20, rm_steps=20, rounds=5, seeds="0", grpo_steps=5,
+             router_pairs=128)
+DEFAULT = dict(sft_steps=300, test_per_domain=None, rm_sft_steps=300, rm_steps=300, rounds=30, seeds="0,1,2",
+               grpo_steps=100, router_pairs=600)
+
+# Client -> the family of its own VLM. Heterogeneous: colour needs no fine detail, so it gets
+# LLaVA-OneVision (a patch-16 SigLIP tower, the cheapest); shape and position need the finer
+# Qwen towers. Homogeneous: everyone holds the same tiny Qwen2-VL checkpoint, the premise of
+# FedAvg-RM (averaging only makes sense between copies of one initialisation).
+SETTINGS = {
+    "heterogeneous": {"color": "llava_onevision", "shape": "qwen2_5_vl", "position": "qwen2_vl"},
+    "homogeneous": {"color": "qwen2_vl", "shape": "qwen2_vl", "position": "qwen2_vl"},
+}
 
 
 class Run:
@@ -215,8 +204,47 @@ class Run:
             self._fed = data.build_federation(self.args.seed, test_per_domain=self.args.test_per_domain)
         return self._fed
 
+    def fed_test_size(self) -> dict:
+        return {d: len(v) for d, v in self.fed.test.items()}
+
+    def output(self, stage: str) -> Path:
+        return self.dir / STAGE_OUTPUT[stage].format(setting=self.args.setting)
+
     def done(self, stage: str) -> bool:
-        return (self.dir / STAGE_OUTPUT[stage]).exists()
+        return self.output(stage).exists()
+
+    def clients(self) -> dict[str, federated.Client]:
+        """The federation's members, each handed its own pairs and nothing else.
+        The pairs are a pure function of the data seed, so every stage rebuilds identical
+        clients (and identical held-out splits) instead of storing private data on the server."""
+        return {name: federated.Client(name, data.make_pairs(exs, self.args.seed), self.args.seed)
+                for name, exs in self.fed.clients.items()}
+
+    def family(self, client: str) -> str:
+        return SETTINGS[self.args.setting][client]
+
+    def rm_dir(self, client: str) -> Path:
+        """A client's RM upload. Keyed by family, so the homogeneous and heterogeneous settings
+        share an RM whenever a client's family is the same in both (same seed, same result)."""
+        return self.dir / "clients" / client / f"reward-{self.family(client)}"
+
+    def client_init(self, client: str) -> Path:
+        """The VLM a client starts from: --client-model NAME=DIR, else the tiny checkpoint of its
+        family, built once per run (every client of one family starts from the same weights)."""
+        given = dict(kv.split("=", 1) for kv in self.args.client_model)
+        if client in given:
+            return Path(given[client])
+        fam = self.family(client)
+        out = self.dir / "models" / fam
+        if not out.exists():
+            with atomic_dir(out) as tmp:
+                data.build_tiny(fam, tmp, seed=self.args.seed)
+        return out
+
+    def rm_config(self) -> reward.RMConfig:
+        # the local RM recipe every client follows (warm-up SFT sizes keep RMConfig's defaults)
+        a = self.args
+        return reward.RMConfig(sft_steps=a.rm_sft_steps, steps=a.rm_steps, batch=a.rm_batch, lr=a.rm_lr)
 
     def record_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(seconds, 2)
@@ -250,6 +278,234 @@ def stage_sft(run: Run) -> None:
                f"over {len(losses)} steps on {len(run.fed.public)} public questions")
 
 
+def stage_reward(run: Run) -> None:
+    """E1 on every client, then the cross-domain matrix (and FedAvg-RM when homogeneous)."""
+    a = run.args
+    clients = run.clients()
+    # Clients train one after another here (one process); in a real federation they would run
+    # in parallel on their own machines. Only the upload directory comes back.
+    for name, client in clients.items():
+        out = run.rm_dir(name)
+        if out.exists():  # resume: a finished client is never retrained
+            tqdm.write(f"reward {name}: {out} exists, kept")
+            continue
+        init = run.client_init(name)
+        set_seed(a.seed)
+        with atomic_dir(out) as tmp:
+            m = client.train_reward_model(init, tmp, run.rm_config(), run.device)
+        tqdm.write(f"reward {name} ({m['family']}): held-out pair accuracy {m['heldout_accuracy']:.3f} "
+                   f"on {m['heldout_pairs']} pairs, {m['seconds']:.0f}s")
+    uploads = {name: run.rm_dir(name) for name in clients}
+    # FedAvg-RM is only defined between copies of one architecture and one initialisation: the
+    # homogeneous setting. In the heterogeneous one, sharing parameters is impossible, which is
+    # the paper's point: rewards are the common currency, weights are not.
+    if a.setting == "homogeneous":
+        uploads["fedavg_rm"] = fedavg_rm(run, clients)
+    # Client j scores every uploaded RM on its own held-out pairs and reports one number per RM:
+    # the matrix needs no data to leave a client. One RM in memory at a time (real checkpoints).
+    matrix = {}
+    for k, path in uploads.items():
+        rm = reward.RewardModel.load(path, device=run.device)
+        matrix[k] = {j: c.pair_accuracy(rm) for j, c in clients.items()}
+        del rm
+    atomic_write_json(run.output("reward"), {"setting": a.setting, "rm_pair_accuracy": matrix,
+                                             "families": {k: run.family(k) for k in clients},
+                                             "n_pairs": {k: c.n for k, c in clients.items()}})
+    print(f"\nHeld-out pair accuracy (%), {a.setting} setting: row = reward model, column = domain\n")
+    print(matrix_markdown(matrix))
+
+
+def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
+    """E8's parameter-sharing baseline: FedAvg of the client RMs, weights n_k. Its reward stats
+    are pooled from the moments each client computes locally (count, sum, sum of squares)."""
+    out = run.dir / "clients" / "fedavg_rm"
+    if out.exists():
+        return out
+    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
+    # theta_FedAvg = sum_k n_k / sum_j n_j * theta_k over backbone and head alike (E4 applied to RMs)
+    rm = federated.fedavg_reward_model(rms, [c.n for c in clients.values()])
+    n, s, ss = map(sum, zip(*(c.reward_moments(rm) for c in clients.values())))
+    rm.mean = s / n
+    rm.std = max(((ss - n * rm.mean ** 2) / max(n - 1, 1)) ** 0.5, 1e-6)
+    rm.info = {"client": "fedavg_rm", "family": rm.vlm.config.model_type, "n_pairs": int(sum(c.n for c in clients.values()))}
+    with atomic_dir(out) as tmp:
+        rm.save(tmp)
+    return out
+
+
+def matrix_markdown(matrix: dict[str, dict[str, float]], cols: list[str] | None = None) -> str:
+    cols = cols or list(next(iter(matrix.values())))
+    lines = ["| RM \\ domain | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    rows = [k for k in cols if k in matrix] + [k for k in matrix if k not in cols]  # domains first
+    lines += [f"| {k} | " + " | ".join(f"{100 * matrix[k][c]:.1f}" for c in cols) + " |" for k in rows]
+    return "\n".join(lines)
+
+
+def weight_sources(run: Run, router_state: dict | None = None) -> dict:
+    """Every reward a policy can be aligned with, as a weight source over the K client RMs
+    (router.py): MoR's router, Avg RM, Weighted RM, and each client's RM alone (E8)."""
+    names = list(run.fed.clients)
+    # n_k as the clients reported them in the reward stage (Weighted RM needs nothing more)
+    counts = json.loads(run.output("reward").read_text())["n_pairs"]
+    out = {"avg_rm": router.avg_rm(len(names)), "weighted_rm": router.weighted_rm([counts[k] for k in names])}
+    out.update({f"rm_{k}": router.single_rm(i, len(names)) for i, k in enumerate(names)})
+    if router_state is not None:
+        out = {"mor": make_router(run)(), **out}
+        out["mor"].load_state_dict(router_state)
+    return out
+
+
+def make_router(run: Run):
+    """The router's constructor: features are [prompt mean ; response mean] of the reference
+    model's hidden states (2H), one logit per client RM."""
+    H = json.loads((run.dir / "base" / "config.json").read_text())
+    H = (H.get("text_config") or H)["hidden_size"]
+    K, hidden = len(run.fed.clients), run.args.router_hidden
+    return lambda: router.Router(2 * H, K, hidden)
+
+
+def stage_router(run: Run) -> None:
+    """E4: the router trained by FedAvg over the clients, each with the K frozen RMs."""
+    a = run.args
+    clients = run.clients()
+    names = list(clients)
+    # What every client downloads: the public reference (features, E2) and the K RM uploads.
+    ref, proc = data.load_vlm(run.dir / "base", device=run.device)
+    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in names]
+    t = time.time()
+    for c in tqdm(clients.values(), desc="router: clients precompute features and RM scores", disable=None):
+        c.prepare_routing(ref, data.Encoder(proc), rms, a.router_pairs)  # once: rounds then cost ms
+    prep = time.time() - t
+    del ref, rms
+    set_seed(a.seed)
+    make = make_router(run)
+    model = make()
+    # one extra exchange before round 0: feature moments -> the router's input standardisation
+    model.set_feature_stats(*router.pooled_stats([c.feature_moments() for c in clients.values()]))
+
+    def held_out(m):  # each client reports the mixed reward's accuracy on its held-out pairs
+        return {"heldout_acc": {k: c.mixed_accuracy(m) for k, c in clients.items()}}
+
+    t = time.time()
+    log = federated.run_rounds(model, make, list(clients.values()), a.rounds, a.local_epochs, a.router_lr,
+                               a.router_batch, a.client_fraction, a.seed, on_round=held_out)
+    rounds_s = time.time() - t
+    for e in log:
+        tqdm.write(f"round {e['round']:3d}: routing loss {e['loss']:.4f}, held-out pair accuracy "
+                   + ", ".join(f"{k} {100 * v:.1f}" for k, v in e["heldout_acc"].items()))
+    # The comparison the issue asks for: held-out pair accuracy of the mixed reward per domain for
+    # MoR and every fixed-weight baseline, each number computed by the client owning the domain.
+    sources = weight_sources(run, model.state_dict())
+    acc = {s: {k: c.mixed_accuracy(src) for k, c in clients.items()} for s, src in sources.items()}
+    w = {k: c.routing_weights(model) for k, c in clients.items()}  # [2N_k, K] per domain
+    weights = {k: dict(zip(names, wk.mean(0).tolist())) for k, wk in w.items()}
+    entropy = {k: router.routing_entropy(wk) for k, wk in w.items()}
+    summary = {"setting": a.setting, "rms": names, "heldout_pair_accuracy": acc, "routing_weights": weights,
+               "routing_entropy": entropy, "max_entropy": math.log(len(names)), "rounds": log,
+               "seconds": {"precompute": round(prep, 1), "rounds": round(rounds_s, 2)}}
+    atomic_write_json(run.dir / f"router-{a.setting}.json", summary)
+    atomic_save_file(run.output("router"), model.state_dict())
+    print(router_markdown(summary))
+
+
+def router_markdown(s: dict) -> str:
+    names = s["rms"]
+    out = [f"Held-out pair accuracy of the mixed reward (%), {s['setting']} setting", "",
+           matrix_markdown(s["heldout_pair_accuracy"], names), "",
+           "Mean routing weight of the trained router: row = domain of the response, column = RM", "",
+           "| domain \\ RM | " + " | ".join(names) + " | entropy (nats) |", "|---|" + "---|" * (len(names) + 1)]
+    out += [f"| {d} | " + " | ".join(f"{s['routing_weights'][d][k]:.2f}" for k in names)
+            + f" | {s['routing_entropy'][d]:.2f} |" for d in names]
+    out += ["", f"(uniform routing: entropy {s['max_entropy']:.2f}; collapse onto one RM: 0)"]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO (E5) for every method of E8
+# ----------------------------------------------------------------------------------------------
+
+
+def methods(run: Run) -> list[str]:
+    """E8's methods in table order; --methods picks a subset.
+
+      oracle       exact match with the gold answer: the upper bound the server never has
+      mor          the federated router's soft mixture of the K client RMs (E3)
+      avg_rm       w_k = 1/K;   weighted_rm   w_k = n_k / sum n
+      rm_<client>  one client's RM alone (how far a single expert carries)
+      fedavg_rm    the parameter-averaged RM (homogeneous only: the baseline MoR replaces)"""
+    names = list(run.fed.clients)
+    out = ["oracle", "mor", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
+    if run.args.setting == "homogeneous":
+        out.append("fedavg_rm")
+    if run.args.methods:
+        want = run.args.methods.split(",")
+        bad = sorted(set(want) - set(out))
+        if bad:
+            raise SystemExit(f"--methods: unknown {bad} for the {run.args.setting} setting; choose from {out}")
+        out = [m for m in out if m in want]
+    return out
+
+
+def policy_dir(run: Run, method: str, seed: int) -> Path:
+    # one directory per (setting, method, seed): the unit of resumption of the grpo stage
+    return run.dir / "policies" / run.args.setting / method / f"seed{seed}"
+
+
+def grpo_config(run: Run) -> grpo.GRPOConfig:
+    # CLI flags -> the loop's config (clip eps, mu, max new tokens keep grpo.GRPOConfig's defaults)
+    a = run.args
+    return grpo.GRPOConfig(steps=a.grpo_steps, prompts=a.grpo_prompts, group=a.group, lr=a.grpo_lr, beta=a.beta)
+
+
+def stage_grpo(run: Run) -> None:
+    """Align a copy of the reference with each method's reward, for each seed (E5, E8)."""
+    a, fed = run.args, run.fed
+    # The pool's gold answers: read by the oracle reward and by the on-the-fly accuracy in the
+    # logs, never by the trainer's update (MoR's server has no labels).
+    gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
+    names = list(fed.clients)
+    rms, router_state = None, None
+    summary = {}
+    for method in methods(run):
+        for seed in a.seeds:
+            out = policy_dir(run, method, seed)
+            if out.exists():
+                tqdm.write(f"grpo {method} seed {seed}: {out} exists, kept")
+                continue
+            if method == "oracle":
+                fn = grpo.OracleReward(gold)
+            elif method == "fedavg_rm":
+                fn = grpo.SingleReward(reward.RewardModel.load(run.dir / "clients" / "fedavg_rm", device=run.device))
+            else:
+                if rms is None:  # the K client uploads, loaded once for every RM method
+                    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in names]
+                    router_state = load_file(str(run.output("router")))
+                fn = grpo.MixedReward(rms, weight_sources(run, router_state)[method])
+            # Every method starts from the same reference weights; only the reward differs. The
+            # seed drives the prompt order and the sampling, so seeds measure RL noise.
+            set_seed(seed)
+            policy, proc = data.load_vlm(run.dir / "base", device=run.device)
+            ref, _ = data.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
+            t = time.time()
+            log = grpo.train_grpo(policy, ref, data.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
+                                  desc=f"grpo {method} s{seed}")
+            # The policy appears under its final name only when complete: a kill here costs this
+            # one (method, seed), and the rerun resumes with it.
+            with atomic_dir(out) as tmp:
+                policy.save_pretrained(tmp, safe_serialization=True)
+                proc.save_pretrained(tmp)
+                atomic_write_json(tmp / "grpo_log.json", dict(log, rm_calls=getattr(fn, "calls", None),
+                                                              seconds=round(time.time() - t, 1),
+                                                              config=vars(grpo_config(run))))
+            w = 10
+            tqdm.write(f"grpo {method} seed {seed}: reward {sum(log['reward'][-w:]) / w:.3f}, "
+                       f"kl {sum(log['kl'][-w:]) / w:.3f}, sampled accuracy {sum(log['accuracy'][-w:]) / w:.3f}, "
+                       f"{time.time() - t:.0f}s")
+            del policy, ref
+        summary[method] = [str(policy_dir(run, method, s).relative_to(run.dir)) for s in a.seeds]
+    atomic_write_json(run.output("grpo"), summary)
+
+
 def stage_eval(run: Run) -> None:
     fed = run.fed
     model, proc = data.load_vlm(run.dir / "base", device=run.device)
@@ -260,18 +516,106 @@ def stage_eval(run: Run) -> None:
     results = {
         "domains": list(fed.test),
         "eval_questions_per_domain": {d: len(v) for d, v in fed.test.items()},
-        "seeds": [run.args.seed],
+        "seeds": run.args.seeds,  # the GRPO seeds every method's mean +/- std is taken over
+        "data_seed": run.args.seed,  # split, reference SFT, client RMs and router
         "chance": {d: _chance(fed.test[d]) for d in fed.test},
         "blind": blind,
         "reference": ref["accuracy"],
         "reference_malformed_share": ref["malformed_share"],
         "wall_seconds": run.timings,
     }
+    rm_file = run.output("reward")
+    if rm_file.exists():
+        rm = json.loads(rm_file.read_text())
+        results["setting"], results["rm_pair_accuracy"] = rm["setting"], rm["rm_pair_accuracy"]
+    if run.output("grpo").exists():
+        results["methods"] = evaluate_methods(run, ref["correct"])
+    results["gates"] = gates(results)
     atomic_write_json(run.dir / "reference_correct.json", ref["correct"])
     atomic_write_json(run.dir / "results.json", results)
     md = results_markdown(results)
     atomic_write_text(run.dir / "results.md", md)
     print("\n" + md)
+
+
+def _mean_std(xs: list[float]) -> dict:
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd}
+
+
+def _moving_max(xs: list[float], w: int = 10) -> float:
+    """Largest w-step moving average: "stays under 5% over training" is a claim about every
+    stretch of training, not just the end."""
+    if not xs:
+        return 0.0
+    return max(sum(xs[i:i + w]) / len(xs[i:i + w]) for i in range(max(1, len(xs) - w + 1)))
+
+
+def evaluate_methods(run: Run, ref_correct: dict) -> dict:
+    """E9 for every aligned policy: greedy test accuracy and win rate vs the reference per domain,
+    as mean and std over the GRPO seeds; plus the training-time malformed share (gate 5) and
+    the final KL. A policy's evaluation is cached in its directory (eval.json)."""
+    fed, out = run.fed, {}
+    for method in methods(run):
+        per_seed = []  # one dict per GRPO seed: test accuracy, win rate, malformed share, KL
+        for seed in run.args.seeds:
+            d = policy_dir(run, method, seed)
+            cache = d / "eval.json"
+            # cached evaluations are reused only for the same test set (--test-per-domain may differ)
+            if cache.exists() and json.loads(cache.read_text()).get("n") == run.fed_test_size():
+                ev = json.loads(cache.read_text())
+            else:
+                model, proc = data.load_vlm(d, device=run.device)
+                r = evaluate(model, data.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+                ev = {"accuracy": r["accuracy"], "malformed_share": r["malformed_share"], "n": run.fed_test_size(),
+                      "win_rate": {k: win_rate(r["correct"][k], ref_correct[k]) for k in fed.test}}
+                atomic_write_json(cache, ev)
+            log = json.loads((d / "grpo_log.json").read_text())
+            ev["train_malformed"] = _moving_max(log["malformed"])
+            ev["final_kl"] = sum(log["kl"][-10:]) / max(len(log["kl"][-10:]), 1)
+            per_seed.append(ev)
+        doms = list(fed.test)
+        out[method] = {
+            "accuracy": {k: _mean_std([e["accuracy"][k] for e in per_seed]) for k in doms},
+            "win_rate": {k: _mean_std([e["win_rate"][k] for e in per_seed]) for k in doms},
+            "malformed_share": _mean_std([e["train_malformed"] for e in per_seed]),
+            "eval_malformed_share": _mean_std([e["malformed_share"] for e in per_seed]),
+            "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
+        }
+    return out
+
+
+def gates(r: dict) -> dict:
+    """The benchmark's soundness gates that can be computed so far (issue "benchmark must measure
+    what it claims"): {name: {pass, value, threshold}}. A failed gate is reported, never hidden.
+      1 blind baseline: max over domains of (blind - chance) <= 0.05
+      2 reference: min over domains of (reference - blind) >= 0.10, and overall <= 0.80
+      3 client RMs: min over clients of the in-domain held-out pair accuracy >= 0.90
+      4 oracle GRPO: min over domains of (oracle policy - reference), mean over seeds, >= 0.05
+      5 no reward hacking: max over methods of the largest 10-step moving share of malformed
+        samples during GRPO < 0.05 (the final KL of each method is in the table)"""
+    doms, n = r["domains"], r["eval_questions_per_domain"]
+    out = {}
+    v = max(r["blind"][d] - r["chance"][d] for d in doms)
+    out["1_blind_at_chance"] = {"pass": v <= 0.05, "value": v, "threshold": 0.05}
+    v = min(r["reference"][d] - r["blind"][d] for d in doms)
+    out["2a_reference_above_blind"] = {"pass": v >= 0.10, "value": v, "threshold": 0.10}
+    v = sum(r["reference"][d] * n[d] for d in doms) / max(sum(n.values()), 1)
+    out["2b_reference_overall_at_most"] = {"pass": v <= 0.80, "value": v, "threshold": 0.80}
+    if "rm_pair_accuracy" in r:
+        m = r["rm_pair_accuracy"]
+        v = min(m[c][c] for c in m if c in doms)  # a client is named after its domain
+        out["3_client_rm_in_domain"] = {"pass": v >= 0.90, "value": v, "threshold": 0.90}
+    # Gates 4-5 need aligned policies: computed once the grpo stage has run.
+    ms = r.get("methods", {})
+    if "oracle" in ms:
+        v = min(ms["oracle"]["accuracy"][d]["mean"] - r["reference"][d] for d in doms)
+        out["4_oracle_grpo_gain"] = {"pass": v >= 0.05, "value": v, "threshold": 0.05}
+    if ms:
+        v = max(m["malformed_share"]["mean"] for m in ms.values())
+        out["5_no_reward_hacking"] = {"pass": v < 0.05, "value": v, "threshold": 0.05}
+    return out
 
 
 def _chance(exs: list[data.Example]) -> float:
@@ -282,8 +626,12 @@ def _chance(exs: list[data.Example]) -> float:
 
 
 def results_markdown(r: dict) -> str:
-    """results.json -> the markdown table: one row per accuracy source, one column per domain,
-    and an overall column weighted by the number of test questions of each domain."""
+    """results.json -> results.md, in reading order:
+      1. chance, blind and reference accuracy per domain (is the benchmark sound?)
+      2. every aligned policy: accuracy mean +/- std over seeds, win rate, malformed share, KL
+      3. the client x domain RM pair-accuracy matrix (why routing is worth having)
+      4. the gates, PASS or FAIL with their numbers, and the wall time of every stage
+    Overall columns weight each domain by its number of test questions."""
     doms = r["domains"]
     lines = ["| | " + " | ".join(doms) + " | overall |", "|---|" + "---|" * (len(doms) + 1)]
 
@@ -295,15 +643,39 @@ def results_markdown(r: dict) -> str:
     lines += [row("chance", r["chance"]), row("blind (question only)", r["blind"]),
               row("reference (SFT)", r["reference"])]
     out = ["# mor results", "", f"Test questions per domain: {r['eval_questions_per_domain']}; "
-           f"seeds: {r['seeds']}. Accuracy in %, greedy answers, exact match.", ""] + lines
+           f"data seed {r.get('data_seed')}, GRPO seeds {r['seeds']}. Accuracy in %, greedy answers, exact match.", ""] + lines
+    if r.get("methods"):
+        out += ["", f"GRPO-aligned policies: accuracy (%) mean +/- std over seeds {r['seeds']}; "
+                "win rate vs the reference (%); max 10-step malformed share of samples during training (%); "
+                "final KL", "",
+                "| method | " + " | ".join(doms) + " | overall | win rate | malformed | KL |",
+                "|---|" + "---|" * (len(doms) + 4)]
+        n = r["eval_questions_per_domain"]  # overall = question-weighted mean of the domains
+        for name, m in r["methods"].items():
+            acc = {d: m["accuracy"][d]["mean"] for d in doms}
+            overall = sum(acc[d] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
+            wr = sum(m["win_rate"][d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
+            out.append(f"| {name} | " + " | ".join(f"{100 * m['accuracy'][d]['mean']:.1f} +/- "
+                                                  f"{100 * m['accuracy'][d]['std']:.1f}" for d in doms)
+                       + f" | {100 * overall:.1f} | {100 * wr:.1f} | {100 * m['malformed_share']['mean']:.1f} "
+                       f"| {m['final_kl']['mean']:.3f} |")
+    if "rm_pair_accuracy" in r:
+        out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
+                "row = reward model, column = domain", "", matrix_markdown(r["rm_pair_accuracy"], doms)]
+    if r.get("gates"):
+        out += ["", "| gate | value | threshold | |", "|---|---|---|---|"]
+        out += [f"| {k} | {g['value']:.3f} | {g['threshold']} | {'PASS' if g['pass'] else 'FAIL'} |"
+                for k, g in r["gates"].items()]
     out += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in r["wall_seconds"].items()), ""]
     return "\n".join(out)
 
 
 # Stage name -> function, and the path whose existence marks it finished (see `Run`).
 # Stages run in this order; later issues append reward, router, grpo.
-STAGES = {"base": stage_base, "sft": stage_sft, "eval": stage_eval}
-STAGE_OUTPUT = {"base": "base_init", "sft": "base", "eval": "results.json"}
+STAGES = {"base": stage_base, "sft": stage_sft, "reward": stage_reward, "router": stage_router,
+          "grpo": stage_grpo, "eval": stage_eval}
+STAGE_OUTPUT = {"base": "base_init", "sft": "base", "reward": "rm_matrix-{setting}.json",
+                "router": "router-{setting}.safetensors", "grpo": "grpo-{setting}.json", "eval": "results.json"}
 
 
 def parse_args(argv=None):
@@ -322,6 +694,30 @@ def parse_args(argv=None):
     p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW learning rate of the SFT")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
+    p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
+                   help="clients' VLM families: heterogeneous (LLaVA-OV / Qwen2.5-VL / Qwen2-VL) or "
+                        "homogeneous (all Qwen2-VL, adds FedAvg-RM)")
+    p.add_argument("--client-model", action="append", default=[], metavar="NAME=DIR",
+                   help="start client NAME's RM from a local checkpoint dir (repeatable)")
+    p.add_argument("--rm-sft-steps", type=int, default=None, help="client SFT warm-up steps (default 300, --quick 20)")
+    p.add_argument("--rm-steps", type=int, default=None, help="client Bradley-Terry steps (default 300, --quick 20)")
+    p.add_argument("--rm-batch", type=int, default=32, help="pairs per BT step")
+    p.add_argument("--rm-lr", type=float, default=3e-4, help="AdamW learning rate of the BT phase")
+    p.add_argument("--rounds", type=int, default=None, help="federated router rounds R (default 30, --quick 5)")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs E per client per round")
+    p.add_argument("--router-lr", type=float, default=1e-3, help="AdamW learning rate of a client's router step")
+    p.add_argument("--router-batch", type=int, default=64, help="pairs per router step")
+    p.add_argument("--router-pairs", type=int, default=None,
+                   help="training pairs per client used to fit the router (default 600, --quick 128)")
+    p.add_argument("--router-hidden", type=int, default=64, help="router MLP width")
+    p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
+    p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
+    p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2; --quick 0)")
+    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 100)")
+    p.add_argument("--grpo-prompts", type=int, default=16, help="prompts N per GRPO step")
+    p.add_argument("--group", type=int, default=8, help="samples G per prompt")
+    p.add_argument("--grpo-lr", type=float, default=2e-4, help="AdamW learning rate of GRPO")
+    p.add_argument("--beta", type=float, default=0.04, help="KL weight of GRPO")
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
     for k, v in size.items():
@@ -330,6 +726,10 @@ def parse_args(argv=None):
     unknown = set(a.stages.split(",")) - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
+    a.seeds = [int(x) for x in str(a.seeds).split(",")]  # "0,1,2" -> [0, 1, 2]
+    for kv in a.client_model:
+        if "=" not in kv or kv.split("=", 1)[0] not in SETTINGS[a.setting]:
+            p.error(f"--client-model {kv!r}: expected NAME=DIR with NAME one of {list(SETTINGS[a.setting])}")
     if a.base:
         a.stages = ",".join(s for s in a.stages.split(",") if s != "base")
     return a
@@ -337,6 +737,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    # An explicit thread count: torch's default spins badly when another process shares the
+    # two cores (DESIGN 7), and speeds are only comparable at one fixed count.
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
@@ -344,12 +746,13 @@ def main(argv=None) -> int:
     atomic_write_json(run.dir / "config.json", vars(a))
     for name in a.stages.split(","):
         if run.done(name) and not a.force:
-            print(f"[{name}] done already ({run.dir / STAGE_OUTPUT[name]}), skipped")
+            print(f"[{name}] done already ({run.output(name)}), skipped")
             continue
         t = time.time()
         print(f"[{name}] ...", flush=True)
         STAGES[name](run)
-        run.record_time(name, time.time() - t)
+        # setting-specific stages (reward) are timed per setting: both can live in one run dir
+        run.record_time(name + (f"-{a.setting}" if "{setting}" in STAGE_OUTPUT[name] else ""), time.time() - t)
         print(f"[{name}] {time.time() - t:.1f}s", flush=True)
     # The tables are written inside `eval`, before its own time is known: stamp every stage's
     # wall time (including eval's) into them now.

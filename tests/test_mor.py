@@ -1,5 +1,6 @@
 """Pipeline pieces: SFT lowers the loss, the eval counts right, stages resume, writes are atomic."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -69,9 +70,26 @@ def test_atomic_dir_keeps_the_old_state_on_failure(tmp_path):
 
 def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["--quick", "--run-dir", str(run), "--sft-steps", "6", "--test-per-domain", "16"]
+    args = ["--quick", "--run-dir", str(run), "--sft-steps", "6", "--test-per-domain", "16",
+            "--rm-sft-steps", "2", "--rm-steps", "3", "--router-pairs", "32", "--rounds", "2",
+            "--methods", "oracle,mor,rm_color", "--grpo-steps", "2", "--group", "4", "--grpo-prompts", "6"]
     assert mor.main(args) == 0
     res = json.loads((run / "results.json").read_text())
+    m = res["rm_pair_accuracy"]  # client x domain, every client evaluated on every domain
+    assert set(m) == set(data.DOMAINS) and all(set(row) == set(data.DOMAINS) for row in m.values())
+    assert all(0 <= v <= 1 for row in m.values() for v in row.values())
+    assert {"1_blind_at_chance", "2a_reference_above_blind", "3_client_rm_in_domain"} <= set(res["gates"])
+    assert all(set(g) == {"pass", "value", "threshold"} for g in res["gates"].values())
+    assert set(res["methods"]) == {"oracle", "mor", "rm_color"} and res["seeds"] == [0]
+    for m in res["methods"].values():
+        assert set(m["accuracy"]) == set(data.DOMAINS) and set(m["win_rate"]) == set(data.DOMAINS)
+        assert all(0 <= v["mean"] <= 1 for v in m["accuracy"].values())
+    assert {"4_oracle_grpo_gain", "5_no_reward_hacking"} <= set(res["gates"])
+    log = json.loads((run / "policies" / "heterogeneous" / "rm_color" / "seed0" / "grpo_log.json").read_text())
+    assert log["rm_calls"] == [2 * 6 * 4, 0, 0]  # an individual RM runs only its own model
+    fams = {c: json.loads((run / "clients" / c / f"reward-{f}" / "reward.json").read_text())["family"]
+            for c, f in mor.SETTINGS["heterogeneous"].items()}
+    assert fams == {"color": "llava_onevision", "shape": "qwen2_5_vl", "position": "qwen2_vl"}
     assert res["domains"] == data.DOMAINS
     assert res["eval_questions_per_domain"] == {d: 16 for d in data.DOMAINS}
     for key in ("blind", "reference", "chance"):
@@ -81,8 +99,16 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert mor.main(args) == 0
     out = capsys.readouterr().out
-    assert "[sft] done already" in out and "[eval] done already" in out
+    assert "[sft] done already" in out and "[eval] done already" in out and "[reward] done already" in out
     assert (run / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    # A reward stage killed after two clients: the finished clients' RMs are kept, not retrained.
+    rm_file = run / "clients" / "shape" / "reward-qwen2_5_vl" / "head.safetensors"
+    stamp = rm_file.stat().st_mtime_ns
+    shutil.rmtree(run / "clients" / "position")
+    (run / "rm_matrix-heterogeneous.json").unlink()
+    assert mor.main(args + ["--stages", "reward"]) == 0
+    assert rm_file.stat().st_mtime_ns == stamp
+    assert (run / "clients" / "position" / "reward-qwen2_vl" / "head.safetensors").exists()
 
 
 def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
@@ -109,3 +135,14 @@ def test_base_flag_takes_a_checkpoint_directory(tiny_dirs, tmp_path):
     assert not (run / "base_init").exists()  # the base stage is skipped for a given checkpoint
     cfg = json.loads((run / "base" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+
+
+def test_homogeneous_setting_adds_fedavg_rm(tmp_path):
+    run = tmp_path / "run"
+    assert mor.main(["--quick", "--run-dir", str(run), "--setting", "homogeneous", "--stages", "reward",
+                     "--rm-sft-steps", "1", "--rm-steps", "2"]) == 0
+    m = json.loads((run / "rm_matrix-homogeneous.json").read_text())
+    assert set(m["rm_pair_accuracy"]) == set(data.DOMAINS) | {"fedavg_rm"}
+    assert set(m["families"].values()) == {"qwen2_vl"}
+    info = json.loads((run / "clients" / "fedavg_rm" / "reward.json").read_text())
+    assert info["n_pairs"] == sum(m["n_pairs"].values()) and info["std"] > 0

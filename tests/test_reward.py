@@ -58,7 +58,8 @@ def test_tiny_rm_beats_chance_on_its_domain(rm, fed):
     exs = fed.clients["color"]
     train, held = data.make_pairs(exs[:600], seed=0), data.make_pairs(exs[600:700], seed=1)
     before = reward.pair_accuracy(rm, held)
-    losses = reward.train_reward_model(rm, train, steps=40, batch_size=32, lr=1e-3, seed=0)
+    cfg = reward.RMConfig(sft_steps=0, steps=40, batch=32, lr=1e-3)  # BT only, no warm-up
+    losses = reward.train_reward_model(rm, train, cfg, seed=0)["loss"]
     after = reward.pair_accuracy(rm, held)
     assert sum(losses[-5:]) / 5 < losses[0]
     assert after >= 0.65 and after > before + 0.15, (before, after)
@@ -92,3 +93,51 @@ def test_pickle_upload_is_refused(rm, tmp_path):
     (evil / "backbone" / "model.bin").write_bytes(pickle.dumps({}))
     with pytest.raises(ValueError, match="no pickle"):
         reward.RewardModel.load(evil)
+
+
+@pytest.mark.parametrize("family", data.FAMILIES)
+def test_shared_image_encoding_equals_one_image_per_row(tiny_dirs, fed, family, monkeypatch):
+    """encode_shared runs the vision tower on distinct images only, and the hidden states equal
+    those of the plain per-row batch."""
+    vlm, proc = data.load_vlm(tiny_dirs[family])
+    enc = data.Encoder(proc)
+    ex = fed.clients["shape"][:3]
+    imgs = [ex[0].image, ex[1].image, ex[0].image, ex[2].image, ex[1].image]
+    prompts = [e.prompt for e in ex] + [ex[0].prompt, ex[1].prompt]
+    resp = ["circle<|im_end|>", "red<|im_end|>", "triangle", "<|im_end|>", "left left<|im_end|>"]
+    seen = []
+    orig = vlm.model.get_image_features
+    monkeypatch.setattr(vlm.model, "get_image_features", lambda pv, *a, **k: seen.append(len(a[0])) or orig(pv, *a, **k))
+    with torch.no_grad():
+        plain = enc(imgs, prompts, resp)
+        plain.pop("response_mask")
+        h0 = vlm.model(**plain).last_hidden_state
+        shared = enc.encode_shared(vlm, imgs, prompts, resp)
+        shared.pop("response_mask")
+        h1 = vlm.model(**shared).last_hidden_state
+    assert seen[-1] == 3  # the second forward encoded 3 distinct images, not 5 rows
+    assert "pixel_values" not in shared
+    assert torch.allclose(h0, h1, atol=1e-5)
+
+
+def test_image_batches_keep_every_image_group_whole(fed):
+    pairs = data.make_pairs(fed.clients["position"][:200], seed=0)
+    per_image = {}
+    for p in pairs:
+        per_image[p.image] = per_image.get(p.image, 0) + 1
+    it = data.image_batches(pairs, 16, seed=0)
+    for _ in range(5):
+        b = next(it)
+        assert len(b) >= 16
+        counts = {}
+        for p in b:
+            counts[p.image] = counts.get(p.image, 0) + 1
+        assert all(counts[i] == per_image[i] for i in counts)  # never a split group
+
+
+def test_warmup_examples_are_the_distinct_chosen_answers():
+    p = [data.Pair("a.png", "q?", "red<|im_end|>", "blue<|im_end|>", "color"),
+         data.Pair("a.png", "q?", "red<|im_end|>", "<|im_end|>", "color"),
+         data.Pair("b.png", "q?", "green<|im_end|>", "red", "color")]
+    ex = reward.warmup_examples(p)
+    assert [(e.image, e.answer) for e in ex] == [("a.png", "red"), ("b.png", "green")]

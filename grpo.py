@@ -1,0 +1,288 @@
+"""GRPO on a routed reward (DESIGN E5): the server aligns its policy with any reward source.
+
+For a batch of N prompts x, sample G responses o_1..o_G each from pi_old, then
+
+  A_i     = (R_i - mean_j R_j) / (std_j R_j + 1e-4)            per group of G (unbiased std)   (E5)
+  ratio_t = exp( log pi_theta(o_t) - log pi_old(o_t) )
+  KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          k3 estimator, ref = log pi_ref  (E5)
+  l_t     = - ( min(ratio_t A_i, clip(ratio_t, 1-eps, 1+eps) A_i) - beta KL_t )
+  L       = mean over sequences of ( mean over that sequence's response tokens of l_t )
+
+pi_ref is the frozen reference policy (the SFT model the run started from). With mu = 1 inner
+update, pi_old = pi_theta at the time of sampling, so the ratio is 1 in value and only its
+gradient matters; with mu > 1 the old log-probs are computed once before the updates.
+
+What makes a step cheap on CPU (measured in README):
+  * one `generate` call per step for all N x G samples; transformers pre-encodes each image once
+    and expands it G times;
+  * the policy and reference forwards over the N x G sampled rows run the vision tower on the N
+    distinct images only (features shared across the group, `data.image_features`);
+  * the routing features e(x, o) are pooled from the reference forward that the KL needs anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# E5: the three pieces, exactly as the equations
+# ----------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards [N*G] (groups contiguous) -> A [N*G], zero-mean within each group of G."""
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_advantages: {tuple(rewards.shape)} is not a flat batch of groups of {group_size}")
+    r = rewards.float().view(-1, group_size)  # [N, G]
+    # torch.std's default is the unbiased estimator (divides by G-1), as E5 states; the 1e-4
+    # keeps a group whose G rewards are all equal at A = 0 instead of 0/0.
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    return a.view(-1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = ref - logp.
+    Non-negative, 0 exactly where the two policies agree on the token."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float, beta: float) -> torch.Tensor:
+    """E5. logp, old_logp, ref_logp, mask: [N*G, T]; advantages [N*G] -> scalar loss.
+    mask is 1 on response tokens (the end token included) and 0 on prompt and padding."""
+    A = advantages.unsqueeze(1)  # [N*G, 1]: one advantage for every token of a sequence
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    per_token = -(surrogate - beta * kl_k3(logp, ref_logp))  # l_t
+    mask = mask.to(per_token.dtype)
+    # mean over each sequence's own response tokens, then over sequences: a long response does
+    # not weigh more than a short one (E5's "mean over sequences of the mean over tokens")
+    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return per_seq.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches of sampled responses and their token log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+
+def response_batch(prompts: dict, new_ids: torch.Tensor, group: int, eos_id: int) -> dict:
+    """Prompt batch [N, Tp] (left-padded Encoder output) + sampled tokens [N*G, Tn] -> the rows
+    [N*G, Tp+Tn] the policy and the reference score, without re-tokenising any text:
+
+      [pad .. pad | prompt (image tokens incl.) | o_1 .. o_k <|im_end|> | pad .. pad]
+
+    response_mask marks o_1..o_k and the first end token (the tokens the policy chose; what
+    follows the end token is generate's padding, not a choice). Image inputs are repeated G times
+    by row; the pixels themselves are not: callers pass features encoded once per prompt."""
+    NG, Tn = new_ids.shape
+    rep = {k: v.repeat_interleave(group, 0) for k, v in prompts.items()
+           if torch.is_tensor(v) and k not in ("pixel_values",) and v.shape[0] * group == NG}
+    is_eos = new_ids == eos_id
+    # keep position t if no end token came strictly before t: cumsum of end tokens shifted by one
+    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()
+    resp = (before == 0).long()  # [N*G, Tn]
+    out = dict(rep)
+    out["input_ids"] = torch.cat([rep["input_ids"], new_ids], 1)
+    out["attention_mask"] = torch.cat([rep["attention_mask"], resp], 1)
+    if "mm_token_type_ids" in rep:
+        out["mm_token_type_ids"] = torch.cat([rep["mm_token_type_ids"], torch.zeros_like(new_ids)], 1)
+    out["response_mask"] = torch.cat([torch.zeros_like(rep["input_ids"]), resp], 1)
+    return out
+
+
+def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool = False):
+    """log pi(token_{t+1} | prefix) at response positions, 0 elsewhere: [B, T-1] (and the final
+    hidden states [B, T, H] when hidden=True, for the routing features). `feats`: per-row image
+    features. `batch` needs response_mask (response_batch makes it).
+
+    The banned tokens (vision placeholders, pad) were suppressed while sampling, so the policy
+    that produced the samples is the renormalised one without them: score with the same mask.
+    Targets at padded positions are replaced by a legal id before the gather (their -inf
+    log-prob would turn 0 * -inf into NaN in the masked mean)."""
+    from data import with_image_features
+
+    b = with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
+    out = vlm(**b, output_hidden_states=hidden)
+    logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
+    logits[..., banned_ids] = float("-inf")
+    # only response tokens are scored; every other target (prompt, image placeholders, pad) is
+    # swapped for a legal id and its log-prob zeroed
+    scored = batch["response_mask"][:, 1:].bool()
+    targets = torch.where(scored, batch["input_ids"][:, 1:], _first_legal(logits, banned_ids))
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(scored, logp, torch.zeros_like(logp))
+    return (logp, out.hidden_states[-1]) if hidden else logp
+
+
+def _first_legal(logits: torch.Tensor, banned_ids: list[int]) -> int:
+    banned = set(banned_ids)
+    return next(i for i in range(logits.shape[-1]) if i not in banned)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward sources: what GRPO aligns with (E3, E8). Each is called on the N*G sampled responses
+# with the routing features e [N*G, D] that the reference forward produced.
+# ----------------------------------------------------------------------------------------------
+
+
+class OracleReward:
+    """Upper bound (E8): 1 for a well-formed answer equal to the gold one, else 0. The gold answers
+    are held by this closure (the evaluator), never by the trainer."""
+
+    def __init__(self, gold_by_prompt: dict[tuple[str, str], str]):
+        self.gold = gold_by_prompt
+        self.calls = 0
+
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        from data import extract_answer
+
+        return torch.tensor([float(extract_answer(r) == self.gold[(i, p)])
+                             for i, p, r in zip(images, prompts, responses)])
+
+
+class MixedReward:
+    """R = sum_k w_k(e) * standardised r_k (E3) for any weight source (router, Avg, Weighted,
+    one RM). Only the RMs with non-zero weight somewhere in the batch are run: an individual-RM
+    baseline costs one RM forward, not K. `calls[k]` counts the rows RM k scored."""
+
+    def __init__(self, rms: list, source):
+        self.rms, self.source = rms, source
+        self.calls = [0] * len(rms)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        w = self.source.weights(e)  # [B, K]
+        r = torch.zeros_like(w)
+        for k, rm in enumerate(self.rms):
+            if w[:, k].any():
+                # each RM re-encodes the text with its own processor: clients' VLMs differ in
+                # tokenizer and image tokens, so text is the only common interface
+                r[:, k] = rm.standardized(rm.score(images, prompts, responses).float().cpu())
+                self.calls[k] += len(responses)
+        from router import mixed_reward
+
+        return mixed_reward(w, r)
+
+
+class SingleReward:
+    """One reward model on its own (FedAvg-RM), standardised with its own stats."""
+
+    def __init__(self, rm):
+        self.rm, self.calls = rm, [0]
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        self.calls[0] += len(responses)
+        return self.rm.standardized(self.rm.score(images, prompts, responses).float().cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    """Defaults: the embedded default's main table (README). --quick shrinks steps."""
+
+    steps: int = 100
+    prompts: int = 16  # N prompts per step
+    group: int = 8  # G samples per prompt
+    max_new_tokens: int = 4
+    lr: float = 2e-4
+    beta: float = 0.04  # KL weight
+    clip_eps: float = 0.2
+    mu: int = 1  # inner updates per batch of samples
+    temperature: float = 1.0
+
+
+def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, seed: int,
+               gold: dict | None = None, on_step=None, desc: str = "grpo") -> dict:
+    """Align `policy` with `reward_fn` on prompts from `pool` (data.Example, answer unused).
+    `ref` is the frozen reference (its forward gives the KL term and the routing features).
+    `gold` {(image, prompt): answer} is for logging on-the-fly accuracy only; the trainer never
+    reads it. `on_step(step, batch_info)` lets NTS (E6) see each step. Returns per-step logs:
+    reward, kl, accuracy, malformed share, loss."""
+    import data
+    from router import pool_features
+
+    torch.manual_seed(seed)
+    device = next(policy.parameters()).device
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    batches = data.balanced_batches(pool, cfg.prompts, seed)
+    G = cfg.group
+    log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
+    bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, disable=None)
+    for step in bar:
+        exs = next(batches)
+        images, prompts = [e.image for e in exs], [e.prompt for e in exs]
+        pb = encoder(images, prompts, device=device)  # [N, Tp] left-padded prompts
+        # -- 1. sample G responses per prompt: one generate call for the whole batch ----------
+        policy.eval()
+        with torch.no_grad():
+            out = policy.generate(**pb, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                  temperature=cfg.temperature, top_k=None, top_p=None,
+                                  num_return_sequences=G, suppress_tokens=encoder.banned_ids,
+                                  pad_token_id=encoder.pad_id, eos_token_id=encoder.eos_id)
+        new_ids = out[:, pb["input_ids"].shape[1]:]  # [N*G, Tn]
+        responses = encoder.decode(new_ids)
+        rb = response_batch(pb, new_ids, G, encoder.eos_id)
+        mask = rb["response_mask"][:, 1:]  # [N*G, T-1], aligned with the log-prob targets
+        rows = list(range(len(exs)))
+        # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
+        with torch.no_grad():
+            feats = data.image_features(ref, pb, rows)
+            ref_logp, h = token_logprobs(ref, rb, _expand(feats, G), encoder.banned_ids, hidden=True)
+            e = pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
+        # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
+        imgs_g = [i for i in images for _ in range(G)]
+        prompts_g = [p for p in prompts for _ in range(G)]
+        rewards = reward_fn(imgs_g, prompts_g, responses, e).float()
+        adv = group_advantages(rewards, G).to(device)
+        # -- 4. mu clipped policy-gradient updates --------------------------------------------
+        policy.train()
+        old_logp = None
+        if cfg.mu > 1:
+            with torch.no_grad():
+                old_logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G),
+                                          encoder.banned_ids)
+        for _ in range(cfg.mu):
+            logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G), encoder.banned_ids)
+            old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
+            loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
+            data.guarded_step(opt, loss, policy.parameters(), desc)
+        # -- 5. what the bar and the logs show -------------------------------------------------
+        m = mask.float()
+        kl = ((kl_k3(logp.detach(), ref_logp) * m).sum(1) / m.sum(1).clamp(min=1)).mean().item()
+        answers = [data.extract_answer(r) for r in responses]
+        log["reward"].append(rewards.mean().item())
+        log["kl"].append(kl)
+        log["loss"].append(loss.item())
+        log["malformed"].append(sum(a is None for a in answers) / len(answers))
+        if gold is not None:
+            log["accuracy"].append(sum(a == gold[(i, p)] for a, i, p in zip(answers, imgs_g, prompts_g)) / len(answers))
+        if on_step is not None:
+            on_step(step, {"e": e, "rewards": rewards, "advantages": adv.cpu(), "logp": logp.detach(),
+                           "ref_logp": ref_logp, "mask": mask, "group": G})
+        w = min(len(log["reward"]), 10)
+        post = {"reward": f"{sum(log['reward'][-w:]) / w:.3f}", "kl": f"{sum(log['kl'][-w:]) / w:.3f}",
+                "malformed": f"{sum(log['malformed'][-w:]) / w:.2f}"}
+        if log["accuracy"]:
+            post["acc"] = f"{sum(log['accuracy'][-w:]) / w:.3f}"
+        bar.set_postfix(post)
+    policy.eval()
+    return log
+
+
+def _expand(feats: tuple, group: int) -> tuple:
+    """Per-prompt image features -> per-sample: each of the G samples of a prompt reuses the
+    same tensor (no copy; gradients from all G rows add up in the vision tower)."""
+    return tuple(f for f in feats for _ in range(group))
