@@ -52,6 +52,7 @@ SHAPES = ["circle", "rectangle", "triangle"]
 POSITIONS = ["left", "right", "top", "bottom"]
 DOMAINS = ["color", "shape", "position"]
 DOMAIN_ANSWERS = {"color": COLORS, "shape": SHAPES, "position": POSITIONS}
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 POSITION_MARGIN = 6.0  # px the shape's centroid must be off the image centre to ask about it
 # Position questions name the two candidate answers, so the blind baseline is exactly 50%.
 POSITION_TEMPLATES = {
@@ -254,6 +255,13 @@ def make_pairs(examples: list[Example], seed: int, per_question: int = 2) -> lis
     pairs = []
     for e in examples:
         same = [a for a in DOMAIN_ANSWERS[e.domain] if a != e.answer] if e.domain in DOMAIN_ANSWERS else []
+        if e.answer in OPPOSITE:
+            # A position question names its two candidates ("left or right?"): the wrong answer a
+            # policy gives is the other candidate. Measured: with "top" allowed as a wrong answer
+            # to a left/right question, the position RM scored 95% on its held-out pairs but only
+            # 72.5% on left-vs-right, no better than the reference policy, and GRPO on it did not
+            # improve position while the oracle reward did (+20 points).
+            same = [OPPOSITE[e.answer]]
         if not same:
             same = [a for a in all_answers if a != e.answer]
         for _ in range(per_question):
@@ -261,7 +269,8 @@ def make_pairs(examples: list[Example], seed: int, per_question: int = 2) -> lis
             wrong = rng.choice(same)
             rejected = {
                 "wrong": wrong + EOS,
-                "other_domain": rng.choice([a for a in all_answers if a not in same and a != e.answer]) + EOS,
+                "other_domain": rng.choice([a for a in all_answers if a not in DOMAIN_ANSWERS.get(e.domain, same)
+                                            and a != e.answer]) + EOS,
                 "no_eos": e.answer,
                 "repeat": f"{e.answer} {e.answer}" + EOS,
                 "empty": EOS,

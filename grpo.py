@@ -145,10 +145,22 @@ class OracleReward:
                              for i, p, r in zip(images, prompts, responses)])
 
 
+def score_unique(rm, images, prompts, responses) -> tuple[torch.Tensor, int]:
+    """Standardised rewards [B] of rm for (image, prompt, response) rows, each distinct triple
+    scored once: G samples of a prompt often repeat (a confident policy writes the same one-word
+    answer several times), so the RM forward shrinks to the distinct rows. Returns (rewards,
+    rows scored)."""
+    index: dict = {}
+    slot = [index.setdefault(t, len(index)) for t in zip(images, prompts, responses)]
+    uniq = list(index)
+    r = rm.standardized(rm.score([u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
+    return r[torch.tensor(slot)], len(uniq)
+
+
 class MixedReward:
     """R = sum_k w_k(e) * standardised r_k (E3) for any weight source (router, Avg, Weighted,
     one RM). Only the RMs with non-zero weight somewhere in the batch are run: an individual-RM
-    baseline costs one RM forward, not K. `calls[k]` counts the rows RM k scored."""
+    baseline costs one RM forward, not K. `calls[k]` counts the (distinct) rows RM k scored."""
 
     def __init__(self, rms: list, source):
         self.rms, self.source = rms, source
@@ -162,8 +174,8 @@ class MixedReward:
             if w[:, k].any():
                 # each RM re-encodes the text with its own processor: clients' VLMs differ in
                 # tokenizer and image tokens, so text is the only common interface
-                r[:, k] = rm.standardized(rm.score(images, prompts, responses).float().cpu())
-                self.calls[k] += len(responses)
+                r[:, k], n = score_unique(rm, images, prompts, responses)
+                self.calls[k] += n
         from router import mixed_reward
 
         return mixed_reward(w, r)
@@ -177,8 +189,58 @@ class SingleReward:
 
     @torch.no_grad()
     def __call__(self, images, prompts, responses, e) -> torch.Tensor:
-        self.calls[0] += len(responses)
-        return self.rm.standardized(self.rm.score(images, prompts, responses).float().cpu())
+        r, n = score_unique(self.rm, images, prompts, responses)
+        self.calls[0] += n
+        return r
+
+
+class NTSReward:
+    """MoR+NTS (E6-E7): hard routing by Neural Thompson Sampling. Each prompt (per query) or the
+    whole batch (per batch) draws one arm, i.e. one client RM, and only that RM scores the
+    prompt's G samples: cost O(1) in K, counted in `calls`. After the policy step, `feedback`
+    receives each prompt's GRPO-objective gain and updates the bandit (E7)."""
+
+    def __init__(self, rms: list, ts, group: int, per_batch: bool = False):
+        self.rms, self.ts, self.group, self.per_batch = rms, ts, group, per_batch
+        self.calls = [0] * len(rms)
+        self.history: list[dict] = []  # per step: arms per prompt, mean posterior variance, feedback
+        self._pending = None
+        self._batch_gains: list[float] = []
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        G = self.group
+        ctx = e.view(-1, G, e.shape[-1]).mean(1)  # [N, D]: one context per prompt
+        arms = self.ts.select(ctx, per_batch=self.per_batch)  # [N]
+        _, var = self.ts.posterior(ctx)
+        r = torch.zeros(len(responses))
+        rows = arms.repeat_interleave(G)  # [N*G]: every sample of a prompt uses the prompt's arm
+        for k, rm in enumerate(self.rms):
+            idx = (rows == k).nonzero().squeeze(1).tolist()
+            if idx:  # only the chosen RMs run
+                r[idx], n = score_unique(rm, [images[i] for i in idx], [prompts[i] for i in idx],
+                                         [responses[i] for i in idx])
+                self.calls[k] += n
+        self._pending = (ctx, arms)
+        self.history.append({"prompts": prompts[::G], "arms": arms.tolist(), "variance": var.mean().item()})
+        return r
+
+    def feedback(self, gain: torch.Tensor) -> None:
+        """gain [N]: each prompt's GRPO-objective change over the step (E7 via nts.grpo_feedback).
+        Per batch, the batch's mean gain is compared with the median of the earlier batches'."""
+        import nts
+
+        ctx, arms = self._pending
+        if self.per_batch:
+            g = gain.mean().item()
+            past = torch.tensor(self._batch_gains) if self._batch_gains else torch.tensor([g])
+            b = torch.full((len(arms),), float(g >= past.median().item()))
+            self._batch_gains.append(g)
+            ctx, arms, b = ctx[:1], arms[:1], b[:1]  # one decision, one update
+        else:
+            b = nts.grpo_feedback(gain)
+        self.ts.update(ctx, arms, b)
+        self.history[-1]["feedback"] = b.mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +321,14 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
             data.guarded_step(opt, loss, policy.parameters(), desc)
+        # -- 4b. E7: each prompt's objective gain over this step, for a bandit router -----------
+        if hasattr(reward_fn, "feedback"):
+            with torch.no_grad():
+                new_logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G),
+                                          encoder.banned_ids)
+                before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
+                after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)
+            reward_fn.feedback((after - before).view(-1, G).mean(1).cpu())  # [N]
         # -- 5. what the bar and the logs show -------------------------------------------------
         m = mask.float()
         kl = ((kl_k3(logp.detach(), ref_logp) * m).sum(1) / m.sum(1).clamp(min=1)).mean().item()
@@ -280,6 +350,14 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         bar.set_postfix(post)
     policy.eval()
     return log
+
+
+def _objective(logp, old_logp, ref_logp, advantages, mask, beta) -> torch.Tensor:
+    """Per-sequence GRPO objective J = mean_t( ratio * A - beta * KL_t ) [N*G] (the unclipped
+    surrogate: E7 asks how much a step moved the objective, not how the step was clipped)."""
+    m = mask.to(logp.dtype)
+    j = torch.exp(logp - old_logp) * advantages.unsqueeze(1) - beta * kl_k3(logp, ref_logp)
+    return (j * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def _expand(feats: tuple, group: int) -> tuple:

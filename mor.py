@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 import data
 import federated
 import grpo
+import nts
 import reward
 import router
 from reward import sft_loss, train_sft  # noqa: F401  (the reference SFT; re-exported for tests)
@@ -333,9 +334,11 @@ def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
     return out
 
 
-def matrix_markdown(matrix: dict[str, dict[str, float]], cols: list[str] | None = None) -> str:
+def matrix_markdown(matrix: dict[str, dict[str, float]], cols: list[str] | None = None,
+                    corner: str = "RM \\ domain") -> str:
+    """{row: {col: value in [0, 1]}} -> a markdown table in %."""
     cols = cols or list(next(iter(matrix.values())))
-    lines = ["| RM \\ domain | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [f"| {corner} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     rows = [k for k in cols if k in matrix] + [k for k in matrix if k not in cols]  # domains first
     lines += [f"| {k} | " + " | ".join(f"{100 * matrix[k][c]:.1f}" for c in cols) + " |" for k in rows]
     return "\n".join(lines)
@@ -361,7 +364,7 @@ def make_router(run: Run):
     H = json.loads((run.dir / "base" / "config.json").read_text())
     H = (H.get("text_config") or H)["hidden_size"]
     K, hidden = len(run.fed.clients), run.args.router_hidden
-    return lambda: router.Router(2 * H, K, hidden)
+    return lambda: router.Router(2 * H, K, hidden, run.args.route_on)
 
 
 def stage_router(run: Run) -> None:
@@ -430,11 +433,13 @@ def methods(run: Run) -> list[str]:
 
       oracle       exact match with the gold answer: the upper bound the server never has
       mor          the federated router's soft mixture of the K client RMs (E3)
+      mor_nts      the router as a Neural Thompson Sampling bandit, one RM per prompt (E6-E7);
+                   mor_nts_batch: one RM per batch
       avg_rm       w_k = 1/K;   weighted_rm   w_k = n_k / sum n
       rm_<client>  one client's RM alone (how far a single expert carries)
       fedavg_rm    the parameter-averaged RM (homogeneous only: the baseline MoR replaces)"""
     names = list(run.fed.clients)
-    out = ["oracle", "mor", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
+    out = ["oracle", "mor", "mor_nts", "mor_nts_batch", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
     if run.args.setting == "homogeneous":
         out.append("fedavg_rm")
     if run.args.methods:
@@ -480,7 +485,12 @@ def stage_grpo(run: Run) -> None:
                 if rms is None:  # the K client uploads, loaded once for every RM method
                     rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in names]
                     router_state = load_file(str(run.output("router")))
-                fn = grpo.MixedReward(rms, weight_sources(run, router_state)[method])
+                if method.startswith("mor_nts"):
+                    ts = nts.NeuralTS(weight_sources(run, router_state)["mor"], lam=a.nts_lambda, nu=a.nts_nu,
+                                      seed=seed)
+                    fn = grpo.NTSReward(rms, ts, a.group, per_batch=method == "mor_nts_batch")
+                else:
+                    fn = grpo.MixedReward(rms, weight_sources(run, router_state)[method])
             # Every method starts from the same reference weights; only the reward differs. The
             # seed drives the prompt order and the sampling, so seeds measure RL noise.
             set_seed(seed)
@@ -494,7 +504,8 @@ def stage_grpo(run: Run) -> None:
             with atomic_dir(out) as tmp:
                 policy.save_pretrained(tmp, safe_serialization=True)
                 proc.save_pretrained(tmp)
-                atomic_write_json(tmp / "grpo_log.json", dict(log, rm_calls=getattr(fn, "calls", None),
+                extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, grpo.NTSReward) else {}
+                atomic_write_json(tmp / "grpo_log.json", dict(log, **extra, rm_calls=getattr(fn, "calls", None),
                                                               seconds=round(time.time() - t, 1),
                                                               config=vars(grpo_config(run))))
             w = 10
@@ -504,6 +515,20 @@ def stage_grpo(run: Run) -> None:
             del policy, ref
         summary[method] = [str(policy_dir(run, method, s).relative_to(run.dir)) for s in a.seeds]
     atomic_write_json(run.output("grpo"), summary)
+
+
+def nts_summary(fn, fed) -> dict:
+    """What the bandit did: arm-choice histogram per domain (per step and in total), the mean
+    posterior variance and the feedback rate per step."""
+    dom = {e.prompt: e.domain for e in fed.pool}
+    names, total, steps = list(fed.clients), {}, []
+    for h in fn.history:
+        hist = {}
+        for p, k in zip(h["prompts"], h["arms"]):
+            hist.setdefault(dom[p], [0] * len(names))[k] += 1
+            total.setdefault(dom[p], [0] * len(names))[k] += 1
+        steps.append({"arms": hist, "variance": h["variance"], "feedback": h.get("feedback")})
+    return {"rms": names, "arm_counts": total, "steps": steps}
 
 
 def stage_eval(run: Run) -> None:
@@ -574,6 +599,13 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             log = json.loads((d / "grpo_log.json").read_text())
             ev["train_malformed"] = _moving_max(log["malformed"])
             ev["final_kl"] = sum(log["kl"][-10:]) / max(len(log["kl"][-10:]), 1)
+            # RM rows scored per GRPO step (distinct samples x RMs run): soft mixtures pay K, hard
+            # routing (NTS) and single RMs pay 1; the oracle pays none
+            ev["rm_rows_per_step"] = sum(log.get("rm_calls") or [0]) / max(len(log["reward"]), 1)
+            if "nts" in log:  # the bandit's choices: arm counts per domain, final variance, feedback rate
+                ev["nts"] = {"arm_counts": log["nts"]["arm_counts"], "rms": log["nts"]["rms"],
+                             "final_variance": log["nts"]["steps"][-1]["variance"],
+                             "feedback_rate": sum(x["feedback"] or 0 for x in log["nts"]["steps"]) / len(log["nts"]["steps"])}
             per_seed.append(ev)
         doms = list(fed.test)
         out[method] = {
@@ -582,7 +614,15 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "malformed_share": _mean_std([e["train_malformed"] for e in per_seed]),
             "eval_malformed_share": _mean_std([e["malformed_share"] for e in per_seed]),
             "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
+            "rm_rows_per_step": _mean_std([e["rm_rows_per_step"] for e in per_seed]),
         }
+        if "nts" in per_seed[0]:  # arm choices summed over seeds: share of prompts per (domain, RM)
+            rms = per_seed[0]["nts"]["rms"]
+            counts = {d: [sum(e["nts"]["arm_counts"].get(d, [0] * len(rms))[k] for e in per_seed)
+                          for k in range(len(rms))] for d in doms}
+            out[method]["nts_arm_share"] = {d: {rm: c / max(sum(counts[d]), 1) for rm, c in zip(rms, counts[d])}
+                                            for d in doms}
+            out[method]["nts_final_variance"] = _mean_std([e["nts"]["final_variance"] for e in per_seed])
     return out
 
 
@@ -647,9 +687,9 @@ def results_markdown(r: dict) -> str:
     if r.get("methods"):
         out += ["", f"GRPO-aligned policies: accuracy (%) mean +/- std over seeds {r['seeds']}; "
                 "win rate vs the reference (%); max 10-step malformed share of samples during training (%); "
-                "final KL", "",
-                "| method | " + " | ".join(doms) + " | overall | win rate | malformed | KL |",
-                "|---|" + "---|" * (len(doms) + 4)]
+                "final KL; RM rows scored per step (distinct samples x RMs run)", "",
+                "| method | " + " | ".join(doms) + " | overall | win rate | malformed | KL | RM rows/step |",
+                "|---|" + "---|" * (len(doms) + 5)]
         n = r["eval_questions_per_domain"]  # overall = question-weighted mean of the domains
         for name, m in r["methods"].items():
             acc = {d: m["accuracy"][d]["mean"] for d in doms}
@@ -658,7 +698,13 @@ def results_markdown(r: dict) -> str:
             out.append(f"| {name} | " + " | ".join(f"{100 * m['accuracy'][d]['mean']:.1f} +/- "
                                                   f"{100 * m['accuracy'][d]['std']:.1f}" for d in doms)
                        + f" | {100 * overall:.1f} | {100 * wr:.1f} | {100 * m['malformed_share']['mean']:.1f} "
-                       f"| {m['final_kl']['mean']:.3f} |")
+                       f"| {m['final_kl']['mean']:.3f} | {m.get('rm_rows_per_step', {}).get('mean', 0):.0f} |")
+    for name, m in r.get("methods", {}).items():
+        if "nts_arm_share" in m:
+            share = m["nts_arm_share"]
+            out += ["", f"{name}: share of prompts routed to each RM (rows: domain of the prompt), final "
+                    f"mean posterior variance {m['nts_final_variance']['mean']:.3f}", "",
+                    matrix_markdown(share, list(next(iter(share.values()))), "domain \\ RM")]
     if "rm_pair_accuracy" in r:
         out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
                 "row = reward model, column = domain", "", matrix_markdown(r["rm_pair_accuracy"], doms)]
@@ -709,6 +755,8 @@ def parse_args(argv=None):
     p.add_argument("--router-batch", type=int, default=64, help="pairs per router step")
     p.add_argument("--router-pairs", type=int, default=None,
                    help="training pairs per client used to fit the router (default 600, --quick 128)")
+    p.add_argument("--route-on", choices=list(router.CONTEXTS), default="prompt+response",
+                   help="what of e(x, y) the router reads: E2's prompt+response, or the prompt only")
     p.add_argument("--router-hidden", type=int, default=64, help="router MLP width")
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
     p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
@@ -718,6 +766,8 @@ def parse_args(argv=None):
     p.add_argument("--group", type=int, default=8, help="samples G per prompt")
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="AdamW learning rate of GRPO")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight of GRPO")
+    p.add_argument("--nts-lambda", type=float, default=1e-3, help="NTS prior precision lambda (E6)")
+    p.add_argument("--nts-nu", type=float, default=1.0, help="NTS exploration scale nu (E6)")
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
     for k, v in size.items():

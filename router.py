@@ -60,6 +60,10 @@ def features(ref_vlm, encoder: data.Encoder, images: list, prompts: list[str], r
 # ----------------------------------------------------------------------------------------------
 
 
+# What the router reads of e(x, y) = [prompt mean ; response mean] (E2).
+CONTEXTS = ("prompt", "prompt+response")
+
+
 class Router(nn.Module):
     """g_phi: e [B, D] -> logits [B, K]; `weights` applies the softmax (E3), NTS (E6) reads the
     logits as arm scores.
@@ -72,19 +76,26 @@ class Router(nn.Module):
     component, and averaging such clients lets the biggest one win. Centred features leave the
     domain differences as the signal, and the same FedAvg routes every domain to its expert."""
 
-    def __init__(self, dim: int, num_rms: int, hidden: int = 64):
+    def __init__(self, dim: int, num_rms: int, hidden: int = 64, context: str = "prompt+response"):
         super().__init__()
-        self.dim, self.num_rms, self.hidden = dim, num_rms, hidden
-        self.register_buffer("feat_mean", torch.zeros(dim))
-        self.register_buffer("feat_std", torch.ones(dim))
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_rms))
+        if context not in CONTEXTS:
+            raise ValueError(f"router context {context!r}: one of {CONTEXTS}")
+        # "prompt": route on the prompt half of e(x, y) only, so all G samples of a prompt get the
+        # same weights (see CONTEXTS); "prompt+response": E2's full e(x, y).
+        self.dim, self.num_rms, self.hidden, self.context = dim, num_rms, hidden, context
+        self.in_dim = dim // 2 if context == "prompt" else dim
+        self.register_buffer("feat_mean", torch.zeros(self.in_dim))
+        self.register_buffer("feat_std", torch.ones(self.in_dim))
+        self.net = nn.Sequential(nn.Linear(self.in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_rms))
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(1e-6))
+        """mean, std: [dim] over the full e(x, y); the router keeps the part it reads."""
+        self.feat_mean.copy_(mean[: self.in_dim])
+        self.feat_std.copy_(std[: self.in_dim].clamp_min(1e-6))
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.net((e - self.feat_mean) / self.feat_std)
+        """e [B, dim] -> logits [B, K]"""
+        return self.net((e[:, : self.in_dim] - self.feat_mean) / self.feat_std)
 
     def weights(self, e: torch.Tensor) -> torch.Tensor:
         return F.softmax(self(e), dim=-1)

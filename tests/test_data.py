@@ -75,6 +75,13 @@ def test_pairs_cover_what_a_sampler_emits(fed):
                for p, r in zip(pairs, rej))
 
 
+def test_position_wrong_answers_are_the_other_candidate(fed):
+    pairs = data.make_pairs(fed.clients["position"][:200], seed=0)
+    wrong = [(p.chosen[:-len(data.EOS)], data.extract_answer(p.rejected)) for p in pairs
+             if data.extract_answer(p.rejected) in data.POSITIONS]
+    assert wrong and all(r == data.OPPOSITE[c] for c, r in wrong)  # "right" vs "left", never "top"
+
+
 def test_extract_answer():
     assert data.extract_answer("red<|im_end|>") == "red"
     assert data.extract_answer(" Red <|im_end|>") == "red"

@@ -114,3 +114,24 @@ def test_grpo_steps_raise_the_reward(policy, fed):
     log = grpo.train_grpo(vlm, ref, enc, pool, red, cfg, seed=0)
     assert sum(log["reward"][-3:]) / 3 > sum(log["reward"][:3]) / 3 + 0.2, log["reward"]
     assert all(math.isfinite(x) for x in log["loss"] + log["kl"])
+
+
+def test_repeated_samples_are_scored_once():
+    class FakeRM:
+        rows = []
+
+        def score(self, images, prompts, responses):
+            self.rows.append(len(responses))
+            return torch.tensor([float(len(r)) for r in responses])
+
+        def standardized(self, r):
+            return (r - 1.0) / 2.0
+
+    rm = FakeRM()
+    resp = ["red<|im_end|>", "red<|im_end|>", "blue<|im_end|>", "red<|im_end|>"]
+    r, n = grpo.score_unique(rm, ["a.png"] * 4, ["q"] * 4, resp)
+    assert n == 2 and rm.rows == [2]
+    assert torch.equal(r, (torch.tensor([float(len(x)) for x in resp]) - 1.0) / 2.0)
+    src = grpo.MixedReward([rm, FakeRM()], router.single_rm(0, 2))
+    src(["a.png"] * 4, ["q"] * 4, resp, torch.zeros(4, 2))
+    assert src.calls == [2, 0]  # the zero-weight RM is never run
