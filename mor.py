@@ -78,8 +78,16 @@ def atomic_dir(path: str | Path):
     """Yield a temporary directory; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run that was killed (kill -9 skips the cleanup below): its half-written
+    # temp dir, or the previous output parked aside between the two renames.
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for parked in path.parent.glob(f".{path.name}.old*"):
+        if path.exists():
+            shutil.rmtree(parked, ignore_errors=True)
+        else:  # killed between the renames: the parked copy is the last good output
+            os.replace(parked, path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -558,9 +566,60 @@ def stage_eval(run: Run) -> None:
     results["gates"] = gates(results)
     atomic_write_json(run.dir / "reference_correct.json", ref["correct"])
     atomic_write_json(run.dir / "results.json", results)
+    plots(run)
     md = results_markdown(results)
     atomic_write_text(run.dir / "results.md", md)
     print("\n" + md)
+
+
+def plots(run: Run) -> None:
+    """grpo-<setting>.png: reward and on-the-fly sampled accuracy over GRPO steps per method
+    (10-step moving average, seeds averaged); routing-<setting>.png: the router's mean weight
+    per (domain, RM). matplotlib is optional: without it, one line says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    setting = run.args.setting
+
+    def smooth(xs, w=10):
+        return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+
+    if run.output("grpo").exists():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for method in methods(run):
+            logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds
+                    if (policy_dir(run, method, s) / "grpo_log.json").exists()]
+            for ax, key in zip(axes, ("reward", "accuracy")):
+                if logs and logs[0][key]:
+                    n = min(len(lg[key]) for lg in logs)
+                    mean = [sum(lg[key][i] for lg in logs) / len(logs) for i in range(n)]
+                    ax.plot(smooth(mean), label=method)
+        axes[0].set(title="reward of the method's own source (standardised)", xlabel="GRPO step")
+        axes[1].set(title="sampled accuracy (gold, evaluator only)", xlabel="GRPO step")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run.dir / f"grpo-{setting}.png", dpi=110)
+        plt.close(fig)
+    summary = run.dir / f"router-{setting}.json"
+    if summary.exists():
+        r = json.loads(summary.read_text())
+        w = [[r["routing_weights"][d][k] for k in r["rms"]] for d in r["rms"]]
+        fig, ax = plt.subplots(figsize=(4.5, 3.8))
+        im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
+        ax.set(xticks=range(len(r["rms"])), yticks=range(len(r["rms"])), xticklabels=r["rms"],
+               yticklabels=r["rms"], xlabel="reward model", ylabel="domain of the response",
+               title=f"mean routing weight ({setting})")
+        for i, row in enumerate(w):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(run.dir / f"routing-{setting}.png", dpi=110)
+        plt.close(fig)
 
 
 def _mean_std(xs: list[float]) -> dict:
