@@ -175,7 +175,7 @@ def win_rate(policy_correct: list[int], ref_correct: list[int]) -> float:
 # colour / shape / position: above the blind baseline everywhere, with room left to align.
 # The client RMs (SFT warm-up, then BT) reach >= 90% held-out pair accuracy in their own domain
 # with DEFAULT (see README). QUICK is a smoke run, not a result.
-QUICK = dict(sft_steps=40, test_per_domain=128, rm_sft_steps=20, rm_steps=20, rounds=5, seeds="0", grpo_steps=5,
+QUICK = dict(sft_steps=40, test_per_domain=96, rm_sft_steps=10, rm_steps=10, rounds=5, seeds="0", grpo_steps=3,
              router_pairs=128)
 DEFAULT = dict(sft_steps=300, test_per_domain=None, rm_sft_steps=300, rm_steps=300, rounds=30, seeds="0,1,2",
                grpo_steps=100, router_pairs=600)
