@@ -528,6 +528,7 @@ def stage_grpo(run: Run) -> None:
 def nts_summary(fn, fed) -> dict:
     """What the bandit did: arm-choice histogram per domain (per step and in total), the mean
     posterior variance and the feedback rate per step."""
+    # The question text fixes the domain, so the prompt string maps to it (evaluator-side only).
     dom = {e.prompt: e.domain for e in fed.pool}
     names, total, steps = list(fed.clients), {}, []
     for h in fn.history:
@@ -585,11 +586,13 @@ def plots(run: Run) -> None:
         return
     setting = run.args.setting
 
-    def smooth(xs, w=10):
+    def smooth(xs, w=10):  # trailing moving average: single GRPO steps are noisy (16 prompts)
         return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
     if run.output("grpo").exists():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        # Rewards of different methods live on different scales (0/1 oracle vs standardised RM
+        # mixtures): compare their trends, not their levels; accuracy is comparable across methods.
         for method in methods(run):
             logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds
                     if (policy_dir(run, method, s) / "grpo_log.json").exists()]
@@ -607,6 +610,7 @@ def plots(run: Run) -> None:
     summary = run.dir / f"router-{setting}.json"
     if summary.exists():
         r = json.loads(summary.read_text())
+        # [domain, RM]: a good router is near-diagonal (each domain to its own client's RM)
         w = [[r["routing_weights"][d][k] for k in r["rms"]] for d in r["rms"]]
         fig, ax = plt.subplots(figsize=(4.5, 3.8))
         im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
