@@ -754,7 +754,10 @@ def results_markdown(r: dict) -> str:
                 "| method | " + " | ".join(doms) + " | overall | win rate | malformed | KL | RM rows/step |",
                 "|---|" + "---|" * (len(doms) + 5)]
         n = r["eval_questions_per_domain"]  # overall = question-weighted mean of the domains
-        for name, m in r["methods"].items():
+        # table order = E8's order (results.json stores its keys sorted)
+        order = ["oracle", "mor", "mor_nts", "mor_nts_batch", "avg_rm", "weighted_rm", "fedavg_rm"]
+        names = sorted(r["methods"], key=lambda k: (order.index(k) if k in order else len(order), k))
+        for name, m in ((k, r["methods"][k]) for k in names):
             acc = {d: m["accuracy"][d]["mean"] for d in doms}
             overall = sum(acc[d] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
             wr = sum(m["win_rate"][d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
