@@ -27,6 +27,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+import data
+import nts
+import router
+
 # ----------------------------------------------------------------------------------------------
 # E5: the three pieces, exactly as the equations
 # ----------------------------------------------------------------------------------------------
@@ -104,9 +108,7 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     that produced the samples is the renormalised one without them: score with the same mask.
     Targets at padded positions are replaced by a legal id before the gather (their -inf
     log-prob would turn 0 * -inf into NaN in the masked mean)."""
-    from data import with_image_features
-
-    b = with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
+    b = data.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
     out = vlm(**b, output_hidden_states=hidden)
     logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
     logits[..., banned_ids] = float("-inf")
@@ -139,9 +141,7 @@ class OracleReward:
         self.calls = 0
 
     def __call__(self, images, prompts, responses, e) -> torch.Tensor:
-        from data import extract_answer
-
-        return torch.tensor([float(extract_answer(r) == self.gold[(i, p)])
+        return torch.tensor([float(data.extract_answer(r) == self.gold[(i, p)])
                              for i, p, r in zip(images, prompts, responses)])
 
 
@@ -176,9 +176,7 @@ class MixedReward:
                 # tokenizer and image tokens, so text is the only common interface
                 r[:, k], n = score_unique(rm, images, prompts, responses)
                 self.calls[k] += n
-        from router import mixed_reward
-
-        return mixed_reward(w, r)
+        return router.mixed_reward(w, r)
 
 
 class SingleReward:
@@ -228,8 +226,6 @@ class NTSReward:
     def feedback(self, gain: torch.Tensor) -> None:
         """gain [N]: each prompt's GRPO-objective change over the step (E7 via nts.grpo_feedback).
         Per batch, the batch's mean gain is compared with the median of the earlier batches'."""
-        import nts
-
         ctx, arms = self._pending
         if self.per_batch:
             g = gain.mean().item()
@@ -270,9 +266,6 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
     `gold` {(image, prompt): answer} is for logging on-the-fly accuracy only; the trainer never
     reads it. `on_step(step, batch_info)` lets NTS (E6) see each step. Returns per-step logs:
     reward, kl, accuracy, malformed share, loss."""
-    import data
-    from router import pool_features
-
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
     ref.eval()
@@ -303,7 +296,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         with torch.no_grad():
             feats = data.image_features(ref, pb, rows)
             ref_logp, h = token_logprobs(ref, rb, _expand(feats, G), encoder.banned_ids, hidden=True)
-            e = pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
+            e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
         prompts_g = [p for p in prompts for _ in range(G)]
