@@ -200,3 +200,49 @@ def test_plots_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     mor.plots(mor.Run(mor.parse_args(["--run-dir", str(tmp_path / "r")])))
     assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_shared_image_generate_gives_the_same_answers(tiny_dirs, fed, family):
+    # evaluate() hands generate one vision pass per distinct image; answers must not change
+    model, proc = data.load_vlm(tiny_dirs[family])
+    enc = data.Encoder(proc)
+    exs = sorted((e for d in data.DOMAINS for e in fed.test[d][:40]), key=lambda e: e.image)[:48]
+    assert len({e.image for e in exs}) < len(exs)  # some images really are shared
+    args = (model, enc, [e.image for e in exs], [e.prompt for e in exs])
+    assert mor.generate(*args, share_images=True) == mor.generate(*args)
+
+
+def test_flip_pairs_reverses_the_asked_share(fed):
+    pairs = data.make_pairs(fed.clients["color"], 0)
+    assert data.flip_pairs(pairs, 0.0, 0) == pairs
+    assert all(f.chosen == p.rejected and f.rejected == p.chosen for f, p in zip(data.flip_pairs(pairs, 1.0, 0), pairs))
+    half = data.flip_pairs(pairs, 0.5, 0)
+    share = sum(f.chosen != p.chosen for f, p in zip(half, pairs)) / len(pairs)
+    assert 0.45 < share < 0.55 and half == data.flip_pairs(pairs, 0.5, 0)
+
+
+def test_bucket_setting_adds_the_noisy_client(tmp_path):
+    run = tmp_path / "run"
+    assert mor.main(["--quick", "--run-dir", str(run), "--setting", "bucket", "--stages", "reward",
+                     "--rm-sft-steps", "1", "--rm-steps", "2"]) == 0
+    m = json.loads((run / "rm_matrix-bucket.json").read_text())
+    assert set(m["n_pairs"]) == {*data.DOMAINS, mor.WEAK_CLIENT}
+    # the weak client holds the most pairs: Weighted RM trusts it most
+    assert m["n_pairs"][mor.WEAK_CLIENT] > max(m["n_pairs"][d] for d in data.DOMAINS)
+    assert (run / "clients" / mor.WEAK_CLIENT / "reward-llava_onevision" / "reward.json").exists()
+
+
+def test_bucket_table_compares_with_and_without_the_weak_client():
+    acc = lambda c, s, p: {"color": {"mean": c, "std": 0}, "shape": {"mean": s, "std": 0},
+                           "position": {"mean": p, "std": 0}}
+    m = {"accuracy": acc(0.5, 0.5, 0.5), "win_rate": acc(0.5, 0.5, 0.5), "malformed_share": {"mean": 0},
+         "final_kl": {"mean": 0.1}}
+    r = {"domains": data.DOMAINS, "eval_questions_per_domain": {"color": 100, "shape": 100, "position": 200},
+         "seeds": [0], "chance": acc(0, 0, 0), "blind": {d: 0 for d in data.DOMAINS},
+         "reference": {d: 0 for d in data.DOMAINS}, "methods": {"avg_rm": m}, "wall_seconds": {},
+         "without_weak_client": {"avg_rm": acc(0.9, 0.6, 0.8)}}
+    r["chance"] = {d: 0 for d in data.DOMAINS}
+    md = mor.results_markdown(r)
+    # overall without = (90 + 60 + 2 * 80) / 4 = 77.5; with = 50.0
+    assert "| avg_rm | 90.0 / 50.0 | 60.0 / 50.0 | 80.0 / 50.0 | 77.5 | 50.0 | -27.5 |" in md
