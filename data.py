@@ -280,12 +280,12 @@ def make_pairs(examples: list[Example], seed: int, per_question: int = 2) -> lis
     return pairs
 
 
-
 def flip_pairs(pairs: list[Pair], share: float, seed: int) -> list[Pair]:
     """A careless annotator: each pair's preference is reversed with probability `share` (seeded).
     At share 0.5 the pairs carry no preference signal at all: the bucket-effect client."""
     rng = random.Random(f"flip-{seed}")
     return [Pair(p.image, p.prompt, p.rejected, p.chosen, p.domain) if rng.random() < share else p for p in pairs]
+
 
 def extract_answer(response: str) -> str | None:
     """The answer of a *well-formed* response: exactly one word followed by the end token.

@@ -200,8 +200,10 @@ SETTINGS = {
 # heterogeneous federation plus a weak fourth client. `noisy` labelled the public split's images
 # (all three domains) carelessly: half of its preferences are reversed (data.flip_pairs), so its
 # RM carries no signal, yet it holds the most pairs. Avg RM gives it 1/K of every reward and
-# Weighted RM the largest share (n_k measures quantity, not quality); MoR's router can learn,
-# from the other clients' data, that its RM predicts nobody's preferences.
+# Weighted RM the largest share (n_k measures quantity, not quality). MoR's router could learn
+# from the other clients' data that its RM predicts nobody's preferences; measured (README), the
+# weak client's signal-free routing loss, weighted by its large n_k in FedAvg, pulls the router
+# towards uniform instead, and MoR loses 5.5 points where Avg RM loses none.
 SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
 WEAK_CLIENT, WEAK_FLIP = "noisy", 0.5
 BUCKET_METHODS = "mor,avg_rm,weighted_rm"  # --full: the comparison the bucket effect is about
