@@ -498,11 +498,27 @@ def load_vlm(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
     _refuse_unsafe_dir(path)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                        trust_remote_code=False).to(device)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
+    _check_chat_tokens(path, processor)  # before the weights: a wrong checkpoint fails in a second
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                        trust_remote_code=False).to(device)
     return model, processor
+
+
+def _check_chat_tokens(path: str, processor) -> None:
+    """Every stage builds its rows with the chat template and reads <|im_end|> as the end of a
+    response (data.Encoder). A tokenizer without them would silently map them to <unk> (the RM
+    then scores every response's end as the same unknown token), so it is refused up front."""
+    tok = processor.tokenizer
+    need = ["<|im_start|>", EOS, getattr(processor, "image_token", None) or "<|image_pad|>"]
+    vocab = tok.get_vocab()
+    missing = [t for t in need if t not in vocab]
+    if missing:
+        raise ValueError(f"{path}: the tokenizer lacks the chat token(s) {missing}; mor needs a chat "
+                         "VLM checkpoint (Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision style)")
+    if not (getattr(processor, "chat_template", None) or tok.chat_template):
+        raise ValueError(f"{path}: no chat template in the tokenizer or processor config")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,15 +694,24 @@ def image_batches(pairs: list, batch_size: int, seed: int):
         yield batch
 
 
-def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, desc: str, max_norm: float = 1.0) -> bool:
-    """zero_grad -> backward -> clip the global grad norm -> step; False (and a log line) when
-    the loss is NaN/inf, so the batch is skipped rather than poisoning the AdamW moments."""
+def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, desc: str,
+                 max_norm: float | None = 1.0) -> bool:
+    """zero_grad -> backward -> clip the global grad norm (none if max_norm is None) -> step.
+    False (and a log line) when the loss or the gradient is NaN/inf: the batch is skipped rather
+    than poisoning the AdamW moments (one NaN there makes every later step NaN)."""
     if not torch.isfinite(loss):
-        tqdm.write(f"{desc}: non-finite loss, batch skipped")
+        tqdm.write(f"{desc}: non-finite loss ({loss.item()}), batch skipped")
         return False
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # what clip_grad_norm_ computes
+    if not torch.isfinite(norm):  # finite loss, inf gradient (an overflow inside the backward)
+        opt.zero_grad(set_to_none=True)
+        tqdm.write(f"{desc}: non-finite gradient, batch skipped")
+        return False
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     opt.step()
     return True
 

@@ -15,6 +15,7 @@ number. The server side (mor.py) never sees a Pair of a client.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,9 @@ class Client:
             raise ValueError(f"client {name!r}: no preference pairs")
         self.name = name
         images = sorted({p.image for p in pairs})
+        if len(images) < 2:  # more clients asked for than there is data to give them
+            raise ValueError(f"client {name!r}: its {len(pairs)} pair(s) use {len(images)} image; needs pairs on "
+                             "at least 2 images (whole images are held out for its pair accuracy)")
         random.Random(f"heldout-{name}-{seed}").shuffle(images)
         held = set(images[: max(1, round(heldout * len(images)))]) if len(images) > 1 else set()
         self._train = [p for p in pairs if p.image not in held]
@@ -178,10 +182,10 @@ class Client:
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
                 loss = routing.routing_loss(model, e_w[idx], e_l[idx], r_w[idx], r_l[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+                # a NaN/inf batch (e.g. an RM that returned inf) is skipped and logged here, where it
+                # arises, instead of poisoning the AdamW moments and then the whole federation
+                if data.guarded_step(opt, loss, model.parameters(), f"router client {self.name}", max_norm=None):
+                    losses.append(loss.item())
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, self.n, sum(losses) / max(len(losses), 1)
 
     @torch.no_grad()
@@ -200,12 +204,43 @@ class Client:
         return source.weights(torch.cat([e_w, e_l]))
 
 
+def check_upload(upload, server_state: dict[str, torch.Tensor]) -> str | None:
+    """Why a client's round upload (state dict, n_k, loss) must be dropped, or None if it is sound.
+
+    The server never trusts an upload's form: it must carry exactly the router's keys, each
+    tensor with the server's shape and a finite value, a positive integer n_k and a finite loss.
+    One malformed or poisoned upload then costs that client its round, not the round itself
+    (fedavg would refuse the whole batch, and a NaN would reach every client next round)."""
+    try:
+        state, n, loss = upload
+    except (TypeError, ValueError):
+        return "upload is not (state dict, n_k, loss)"
+    if not isinstance(state, dict):
+        return f"state is a {type(state).__name__}, not a dict of tensors"
+    missing, extra = sorted(set(server_state) - set(state)), sorted(set(state) - set(server_state))
+    if missing or extra:
+        return f"wrong keys (missing {missing}, unexpected {extra})"
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            return f"'{k}' is a {type(v).__name__}, not a tensor"
+        if v.shape != server_state[k].shape:
+            return f"'{k}' has shape {tuple(v.shape)}, expected {tuple(server_state[k].shape)}"
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            return f"'{k}' holds NaN/inf"
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return f"n_k must be a positive integer, got {n!r}"
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return f"loss must be a finite number, got {loss!r}"
+    return None
+
+
 def run_rounds(router: torch.nn.Module, make_router, clients: list[Client], rounds: int, local_epochs: int,
                lr: float, batch_size: int, fraction: float = 1.0, seed: int = 0, timeout_s: float = 600.0,
                on_round=None, desc: str = "router") -> list[dict]:
     """E4: R rounds of FedAvg. Each round samples max(1, round(fraction * K)) clients, sends
     them the router's state, and averages the uploads of those that answered, weighted by n_k.
-    A client that raises or exceeds `timeout_s` is skipped and logged; a round where every
+    A client that raises, exceeds `timeout_s` or uploads a malformed state (`check_upload`:
+    wrong keys or shapes, NaN/inf) is dropped from the round and logged; a round where every
     sampled client failed raises RuntimeError. Returns one log dict per round; the router's
     parameters are updated in place. `on_round(router)` -> dict of extra figures for the log
     (e.g. held-out accuracy), shown in the progress bar."""
@@ -225,7 +260,12 @@ def run_rounds(router: torch.nn.Module, make_router, clients: list[Client], roun
         deadline = time.time() + timeout_s
         for name, fut in futures.items():
             try:
-                uploads.append((name, *fut.result(timeout=max(0.0, deadline - time.time()))))
+                up = fut.result(timeout=max(0.0, deadline - time.time()))
+                why = check_upload(up, state)
+                if why:
+                    dropped[name] = f"malformed upload: {why}"
+                else:
+                    uploads.append((name, *up))
             except FutureTimeout:
                 dropped[name] = f"timed out after {timeout_s:.0f}s"
             except Exception as e:  # a client's failure must not end the federation

@@ -275,6 +275,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
     batches = data.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
     log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
+    log["skipped"] = []  # steps whose batch was dropped: non-finite rewards, loss or gradient
     bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, disable=None)
     for step in bar:
         exs = next(batches)
@@ -301,6 +302,14 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         imgs_g = [i for i in images for _ in range(G)]
         prompts_g = [p for p in prompts for _ in range(G)]
         rewards = reward_fn(imgs_g, prompts_g, responses, e).float()
+        if not torch.isfinite(rewards).all():
+            # Caught where it arises: one NaN reward would make its whole group's advantages NaN
+            # (E5 divides by the group's std) and the step's loss NaN. The batch is dropped; the
+            # policy, the optimiser and a bandit router (no feedback for this step) are untouched.
+            bad = (~torch.isfinite(rewards)).sum().item()
+            tqdm.write(f"{desc} step {step}: {bad} non-finite reward(s) from the reward source, batch skipped")
+            log["skipped"].append(step)
+            continue
         adv = group_advantages(rewards, G).to(device)
         # -- 4. mu clipped policy-gradient updates --------------------------------------------
         policy.train()
@@ -313,7 +322,8 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G), encoder.banned_ids)
             old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
-            data.guarded_step(opt, loss, policy.parameters(), desc)
+            if not data.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
+                log["skipped"].append(step)
         # -- 4b. E7: each prompt's objective gain over this step, for a bandit router -----------
         if hasattr(reward_fn, "feedback"):
             with torch.no_grad():

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import random
 import shutil
 import sys
@@ -31,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everythin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import data
@@ -48,29 +49,49 @@ from reward import sft_loss, train_sft  # noqa: F401  (the reference SFT; re-exp
 # ----------------------------------------------------------------------------------------------
 
 
+def _temp_beside(path: Path) -> Path:
+    """The hidden temp path a write of `path` goes through. Temp files a killed process left for
+    the same target (kill -9 skips every cleanup) are removed first: one run writes a run dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to a hidden temp file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write leaves no debris (after a success tmp is already gone)
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save_file(path: str | Path, tensors: dict) -> None:
     """safetensors save through a temp file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tmp = _temp_beside(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_savefig(fig, path: Path) -> None:
+    """A matplotlib figure saved as PNG through a temp file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")  # savefig picks the format from the suffix
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 @contextmanager
@@ -207,6 +228,10 @@ SETTINGS = {
 SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
 WEAK_CLIENT, WEAK_FLIP = "noisy", 0.5
 BUCKET_METHODS = "mor,avg_rm,weighted_rm"  # --full: the comparison the bucket effect is about
+# A client brought with --client-data NAME=FILE joins the setting's federation with its own pairs
+# and, unless --client-model NAME=DIR says otherwise, the tiny Qwen2-VL as its VLM.
+USER_FAMILY = "qwen2_vl"
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # it becomes a directory and a method name
 
 
 class Run:
@@ -225,6 +250,7 @@ class Run:
         self._fed = None
         self.timings_path = self.dir / "wall_seconds.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+        self.user_data = dict(kv.split("=", 1) for kv in args.client_data)  # {client: pairs JSONL}
 
     @property
     def fed(self) -> data.Federation:
@@ -233,6 +259,10 @@ class Run:
             if WEAK_CLIENT in SETTINGS[self.args.setting]:
                 # the weak client's questions: the public split's (its labels get flipped below)
                 self._fed.clients[WEAK_CLIENT] = list(self._fed.public)
+            for name in self.user_data:
+                # a user client has pairs, not labelled questions: Run.clients reads its JSONL;
+                # here it only takes its place (and its index k) among the K clients
+                self._fed.clients[name] = []
         return self._fed
 
     def fed_test_size(self) -> dict:
@@ -251,6 +281,9 @@ class Run:
         The pairs are a pure function of the data seed, so every stage rebuilds identical
         clients (and identical held-out splits) instead of storing private data on the server."""
         def pairs(name, exs):
+            if name in self.user_data:  # validated row by row: errors name file:line:field
+                rows = data.load_jsonl(self.user_data[name], "pairs")
+                return [data.Pair(r["image"], r["prompt"], r["chosen"], r["rejected"], name) for r in rows]
             p = data.make_pairs(exs, self.args.seed)
             return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == WEAK_CLIENT else p
 
@@ -258,7 +291,7 @@ class Run:
                 for name, exs in self.fed.clients.items()}
 
     def family(self, client: str) -> str:
-        return SETTINGS[self.args.setting][client]
+        return SETTINGS[self.args.setting].get(client, USER_FAMILY)
 
     def rm_dir(self, client: str) -> Path:
         """A client's RM upload. Keyed by family, so the homogeneous and heterogeneous settings
@@ -520,7 +553,7 @@ def stage_grpo(run: Run) -> None:
             else:
                 if rms is None:  # the K client uploads, loaded once for every RM method
                     rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in names]
-                    router_state = load_file(str(run.output("router")))
+                    router_state = router.load_state(run.output("router"), make_router(run)())
                 if method.startswith("mor_nts"):
                     ts = nts.NeuralTS(weight_sources(run, router_state)["mor"], lam=a.nts_lambda, nu=a.nts_nu,
                                       seed=seed)
@@ -638,7 +671,7 @@ def plots(run: Run) -> None:
         axes[1].set(title="sampled accuracy (gold, evaluator only)", xlabel="GRPO step")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(run.dir / f"grpo-{setting}.png", dpi=110)
+        atomic_savefig(fig, run.dir / f"grpo-{setting}.png")
         plt.close(fig)
     summary = run.dir / f"router-{setting}.json"
     if summary.exists():
@@ -655,7 +688,7 @@ def plots(run: Run) -> None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k")
         fig.colorbar(im)
         fig.tight_layout()
-        fig.savefig(run.dir / f"routing-{setting}.png", dpi=110)
+        atomic_savefig(fig, run.dir / f"routing-{setting}.png")
         plt.close(fig)
 
 
@@ -863,6 +896,10 @@ def parse_args(argv=None):
                         f"({BUCKET_METHODS})")
     p.add_argument("--client-model", action="append", default=[], metavar="NAME=DIR",
                    help="start client NAME's RM from a local checkpoint dir (repeatable)")
+    p.add_argument("--client-data", action="append", default=[], metavar="NAME=FILE",
+                   help="add client NAME with its own preference pairs: a JSONL file with image, prompt, "
+                        "chosen, rejected per line, image paths relative to the file (repeatable); its RM "
+                        f"starts from --client-model NAME=DIR or the tiny {USER_FAMILY}")
     p.add_argument("--rm-sft-steps", type=int, default=None, help="client SFT warm-up steps (default 300, --quick 20)")
     p.add_argument("--rm-steps", type=int, default=None, help="client Bradley-Terry steps (default 300, --quick 20)")
     p.add_argument("--rm-batch", type=int, default=32, help="pairs per BT step")
@@ -895,9 +932,27 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
     a.seeds = [int(x) for x in str(a.seeds).split(",")]  # "0,1,2" -> [0, 1, 2]
+    user = []
+    for kv in a.client_data:
+        name, _, path = kv.partition("=")
+        if not CLIENT_NAME.fullmatch(name) or not path:
+            p.error(f"--client-data {kv!r}: expected NAME=FILE, NAME of letters, digits, '_' or '-'")
+        if name in SETTINGS[a.setting]:
+            p.error(f"--client-data {kv!r}: {name!r} is already a client of the {a.setting} setting; "
+                    "pick another name")
+        if name in user:
+            p.error(f"--client-data: client name {name!r} given twice (client names must be unique)")
+        user.append(name)
+    seen = set()
     for kv in a.client_model:
-        if "=" not in kv or kv.split("=", 1)[0] not in SETTINGS[a.setting]:
-            p.error(f"--client-model {kv!r}: expected NAME=DIR with NAME one of {list(SETTINGS[a.setting])}")
+        name = kv.split("=", 1)[0]
+        if "=" not in kv or name not in [*SETTINGS[a.setting], *user]:
+            p.error(f"--client-model {kv!r}: expected NAME=DIR with NAME one of {[*SETTINGS[a.setting], *user]}")
+        if name in seen:
+            p.error(f"--client-model: client {name!r} given twice")
+        seen.add(name)
+    if not 0 < a.client_fraction <= 1:
+        p.error(f"--client-fraction {a.client_fraction}: must be in (0, 1]")
     if a.base:
         a.stages = ",".join(s for s in a.stages.split(",") if s != "base")
     return a

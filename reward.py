@@ -25,6 +25,7 @@ is trained with the same `train_sft` on the public split.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,8 +178,11 @@ class RewardModel(nn.Module):
             raise ValueError(f"{path}: unexpected file(s) {sorted(stray)} in a reward-model upload; refused")
         info = json.loads((path / "reward.json").read_text())
         for key in ("mean", "std"):
-            if not isinstance(info.get(key), (int, float)):
-                raise ValueError(f"{path}/reward.json: field '{key}' must be a number")
+            v = info.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{path}/reward.json: field '{key}' must be a finite number, got {v!r}")
+        if info["std"] <= 0:
+            raise ValueError(f"{path}/reward.json: field 'std' must be positive, got {info['std']}")
         vlm, proc = data.load_vlm(path / "backbone", dtype=dtype, device=device)
         rm = cls(vlm, proc, info.pop("mean"), info.pop("std"), info)
         try:
@@ -189,6 +193,8 @@ class RewardModel(nn.Module):
         if set(head) != {"weight", "bias"} or tuple(head["weight"].shape) != (1, H) or tuple(head["bias"].shape) != (1,):
             raise ValueError(f"{path}/head.safetensors: expected weight [1, {H}] and bias [1], got "
                              f"{ {k: tuple(v.shape) for k, v in head.items()} }")
+        if not all(torch.isfinite(v).all() for v in head.values()):
+            raise ValueError(f"{path}/head.safetensors: holds NaN/inf; refused")
         rm.head.load_state_dict({k: v.to(rm.head.weight.dtype) for k, v in head.items()})
         rm.eval()
         return rm

@@ -101,6 +101,40 @@ class Router(nn.Module):
         return F.softmax(self(e), dim=-1)
 
 
+def load_state(path, model: Router) -> dict[str, torch.Tensor]:
+    """The router weights in `path`, checked against `model` (built for this federation's D and
+    K) before anything is loaded: a router file is an upload like an RM. safetensors only (a
+    pickle is never unpickled), exactly the model's keys, the model's shapes, finite values.
+    A router trained for K' != K reward models is refused with both numbers."""
+    from pathlib import Path
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: router weights must be a .safetensors file; refused")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: router weights not found (run the router stage)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:  # a pickle renamed .safetensors lands here
+        raise ValueError(f"{path}: not a valid safetensors file ({e}); refused") from None
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise ValueError(f"{path}: unexpected router keys (missing {missing}, unexpected {extra})")
+    last = "net.2.weight"  # [K, hidden]: its rows are the K reward models
+    if state[last].shape[0] != want[last].shape[0]:
+        raise ValueError(f"{path}: router has {state[last].shape[0]} outputs but the federation has "
+                         f"{want[last].shape[0]} reward models (K mismatch); retrain the router")
+    for k, v in state.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{path}: '{k}' holds NaN/inf; refused")
+    return state
+
+
 def pooled_stats(moments: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coordinate mean and std [D] of the union of the clients' features, from each client's
     (count, sum [D], sum of squares [D]): no feature vector leaves a client."""

@@ -68,13 +68,39 @@ def test_atomic_dir_keeps_the_old_state_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp debris
 
 
-def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
-    run = tmp_path / "run"
-    args = ["--quick", "--run-dir", str(run), "--sft-steps", "6", "--test-per-domain", "16",
-            "--rm-sft-steps", "2", "--rm-steps", "3", "--router-pairs", "32", "--rounds", "2",
-            "--methods", "oracle,mor,mor_nts,rm_color", "--grpo-steps", "2", "--group", "4", "--grpo-prompts", "6"]
-    assert mor.main(args) == 0
-    res = json.loads((run / "results.json").read_text())
+# The smallest end-to-end run: every stage, four methods, one seed (~90 s on 2 cores).
+TINY_RUN = ["--quick", "--sft-steps", "6", "--test-per-domain", "16", "--rm-sft-steps", "2", "--rm-steps", "3",
+            "--router-pairs", "32", "--rounds", "2", "--methods", "oracle,mor,mor_nts,rm_color", "--grpo-steps", "2",
+            "--group", "4", "--grpo-prompts", "6"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run directory of one complete TINY_RUN, shared by the tests that read its results."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert mor.main(TINY_RUN + ["--run-dir", str(run)]) == 0
+    return run, json.loads((run / "results.json").read_text())
+
+
+def test_same_seed_and_flags_give_the_same_results_json(tiny_run, tmp_path):
+    """Determinism on CPU: a second run of the same command in a fresh directory reproduces
+    results.json exactly (every accuracy, win rate, KL, gate), wall times aside."""
+    run2 = tmp_path / "run"
+    assert mor.main(TINY_RUN + ["--run-dir", str(run2)]) == 0
+    a, b = tiny_run[1], json.loads((run2 / "results.json").read_text())
+    assert a.pop("wall_seconds").keys() == b.pop("wall_seconds").keys()
+    assert a == b
+    # and the artifacts behind it: the router and a policy, bit for bit
+    from safetensors.torch import load_file
+
+    for f in ("router-heterogeneous.safetensors", "policies/heterogeneous/mor/seed0/model.safetensors"):
+        x, y = load_file(str(tiny_run[0] / f)), load_file(str(run2 / f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+
+
+def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
+    run, res = tiny_run
+    args = TINY_RUN + ["--run-dir", str(run)]
     m = res["rm_pair_accuracy"]  # client x domain, every client evaluated on every domain
     assert set(m) == set(data.DOMAINS) and all(set(row) == set(data.DOMAINS) for row in m.values())
     assert all(0 <= v <= 1 for row in m.values() for v in row.values())

@@ -1,5 +1,6 @@
 """Router and federated rounds (E2-E4, E8): values, learning on a synthetic federation, faults."""
 import math
+import re
 import time
 
 import pytest
@@ -130,3 +131,86 @@ def test_pooled_stats_equal_the_union_of_client_features():
     r.set_feature_stats(mean, std)
     e = allp[:4]
     assert torch.allclose(r(e), r.net((e - mean) / std))  # the router sees standardised features
+
+
+class _Malformed(Client):
+    """Answers every round, but with an upload the server must not average (set `.fault`)."""
+
+    def router_update(self, state, *a, **k):
+        sd, n, loss = super().router_update(state, *a, **k)
+        if self.fault == "keys":
+            sd["net.9.weight"] = sd.pop("net.2.weight")
+        elif self.fault == "shape":
+            sd["net.2.weight"] = sd["net.2.weight"][:, :-1]
+        elif self.fault == "nan":
+            sd["net.0.bias"][0] = float("nan")
+        elif self.fault == "count":
+            n = -5
+        return sd, n, loss
+
+
+@pytest.mark.parametrize("fault,why", [("keys", "wrong keys.*unexpected \\['net.9.weight'\\]"),
+                                       ("shape", "'net.2.weight' has shape \\(3, 15\\), expected \\(3, 16\\)"),
+                                       ("nan", "'net.0.bias' holds NaN"), ("count", "n_k must be a positive")])
+def test_a_malformed_upload_is_dropped_and_the_round_goes_on(fault, why):
+    good, bad = _synthetic_client(0), _synthetic_client(1)
+    bad.__class__, bad.fault = _Malformed, fault
+    make = lambda: router.Router(D, K, hidden=16)  # noqa: E731
+    torch.manual_seed(0)
+    model = make()
+    log = run_rounds(model, make, [good, bad], rounds=2, local_epochs=1, lr=1e-2, batch_size=64)
+    # only the sound client is averaged: the router equals a federation of that client alone
+    torch.manual_seed(0)
+    alone = make()
+    run_rounds(alone, make, [_synthetic_client(0)], rounds=2, local_epochs=1, lr=1e-2, batch_size=64)
+    for entry in log:
+        assert entry["clients"] == ["d0"]
+        assert re.search("malformed upload: " + why, entry["dropped"]["d1"]), entry["dropped"]
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_nan_batch_in_a_local_update_is_skipped_and_logged(capsys):
+    c = _synthetic_client(0)
+    e_w, e_l, r_w, r_l = c._routing["train"]
+    r_w = r_w.clone()
+    r_w[7, 1] = float("inf")  # one poisoned RM score: exactly one of the epoch's 4 batches holds it
+    c._routing["train"] = (e_w, e_l, r_w, r_l)
+    make = lambda: router.Router(D, K, hidden=16)  # noqa: E731
+    torch.manual_seed(0)
+    init = make().state_dict()
+    state, n, loss = c.router_update(init, make, epochs=1, lr=1e-2, batch_size=64, seed=0)
+    out = capsys.readouterr().out  # inf -> finite loss (log sigmoid saturates) but a NaN gradient
+    assert out.count("router client d0: non-finite gradient, batch skipped") == 1, out
+    # the other three batches trained: finite, moved weights and a finite mean loss
+    assert all(torch.isfinite(v).all() for v in state.values()) and math.isfinite(loss)
+    assert not torch.equal(state["net.0.weight"], init["net.0.weight"])
+
+
+def test_router_weights_are_checked_before_they_are_loaded(tmp_path):
+    import pickle
+
+    from safetensors.torch import save_file
+
+    model = router.Router(D, K, hidden=16)
+    good = tmp_path / "router.safetensors"
+    save_file(model.state_dict(), str(good))
+    assert set(router.load_state(good, router.Router(D, K, hidden=16))) == set(model.state_dict())
+    planted = {
+        "pickle": (lambda p: p.write_bytes(pickle.dumps(model.state_dict())), "not a valid safetensors file"),
+        "K": (lambda p: save_file(router.Router(D, K + 1, hidden=16).state_dict(), str(p)),
+              "router has 4 outputs but the federation has 3 reward models"),
+        "keys": (lambda p: save_file({**model.state_dict(), "extra": torch.zeros(1)}, str(p)),
+                 "unexpected \\['extra'\\]"),
+        "shape": (lambda p: save_file(router.Router(D, K, hidden=8).state_dict(), str(p)),
+                  "'net.0.bias' has shape \\(8,\\), expected \\(16,\\)"),  # keys in sorted order
+        "nan": (lambda p: save_file({**model.state_dict(), "feat_std": torch.full((D,), float("nan"))}, str(p)),
+                "'feat_std' holds NaN"),
+    }
+    for name, (plant, msg) in planted.items():
+        path = tmp_path / f"{name}.safetensors"
+        plant(path)
+        with pytest.raises(ValueError, match=msg):
+            router.load_state(path, router.Router(D, K, hidden=16))
+    (tmp_path / "router.pt").write_bytes(good.read_bytes())
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        router.load_state(tmp_path / "router.pt", model)
