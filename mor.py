@@ -556,7 +556,7 @@ def stage_grpo(run: Run) -> None:
                     router_state = router.load_state(run.output("router"), make_router(run)())
                 if method.startswith("mor_nts"):
                     ts = nts.NeuralTS(weight_sources(run, router_state)["mor"], lam=a.nts_lambda, nu=a.nts_nu,
-                                      seed=seed)
+                                      update_steps=a.nts_update_steps, seed=seed)
                     fn = grpo.NTSReward(rms, ts, a.group, per_batch=method == "mor_nts_batch")
                 else:
                     fn = grpo.MixedReward(rms, weight_sources(run, router_state)[method])
@@ -922,7 +922,9 @@ def parse_args(argv=None):
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="AdamW learning rate of GRPO")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight of GRPO")
     p.add_argument("--nts-lambda", type=float, default=1e-3, help="NTS prior precision lambda (E6)")
-    p.add_argument("--nts-nu", type=float, default=1.0, help="NTS exploration scale nu (E6)")
+    p.add_argument("--nts-nu", type=float, default=1.0, help="NTS exploration scale nu (E6); 0: no exploration")
+    p.add_argument("--nts-update-steps", type=int, default=10,
+                   help="NTS SGD steps on the feedback after each GRPO step (E6); 0: the bandit never learns")
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
     for k, v in size.items():

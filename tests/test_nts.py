@@ -46,6 +46,17 @@ def test_update_lowers_the_squared_loss_and_leaves_the_router_alone():
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # NTS works on a copy
 
 
+def test_zero_update_steps_and_zero_nu_is_static_hard_routing():
+    """The ablation arm of the README (--nts-nu 0 --nts-update-steps 0): the bandit neither
+    explores nor learns, so it always picks the router's argmax, before and after feedback."""
+    net = _net(zero_last=False)
+    ts = nts.NeuralTS(net, nu=0.0, update_steps=0)
+    x = torch.randn(32, D)
+    ts.update(x, ts.select(x), torch.ones(32))
+    assert torch.equal(ts.select(x), net(x).argmax(-1))
+    assert all(torch.equal(p, q) for p, q in zip(ts.net.parameters(), net.parameters()))
+
+
 def test_feedback_credits_prompts_at_or_above_the_median_gain():
     gain = torch.tensor([0.3, -0.1, 0.0, 0.5, 0.1])
     assert nts.grpo_feedback(gain).tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
