@@ -25,6 +25,15 @@ if [ -z "$PY" ]; then
   fi
 fi
 
+# Optional: Flower (requirements-flower.txt) for flower_fed.py and tests/test_flower.py; CI sets
+# MOR_FLOWER=1 so those tests run there (without flwr they are skipped with the reason).
+if [ "${MOR_FLOWER:-0}" = "1" ] && ! "$PY" -c "import flwr" 2>/dev/null; then
+  echo "[setup] installing requirements-flower.txt (about 20-30 s, once)" >&2
+  "$PY" -m pip install -q --disable-pip-version-check -r requirements-flower.txt 2>&1 \
+    | grep -v "^WARNING: Location" >&2 || true
+  "$PY" -c "import flwr" || { echo "[setup] flwr install failed: see the pip output above" >&2; exit 1; }
+fi
+
 if [ "${1:-}" = "test" ]; then
   shift
   exec "$PY" -m pytest -q tests "$@"
