@@ -363,11 +363,7 @@ def stage_reward(run: Run) -> None:
             run.client_init(name)  # built here, once: two workers must not race for one family dir
             todo.append(name)
     if a.workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(min(a.workers, len(todo)), maxtasksperchild=1) as pool:
-            for line in pool.imap_unordered(_reward_worker, [(a, name) for name in todo]):
-                tqdm.write(line)
+        in_workers(_reward_worker, [(a, name) for name in todo], a.workers)
     else:
         for name in todo:
             tqdm.write(reward_job(run, clients[name]))
@@ -389,6 +385,19 @@ def stage_reward(run: Run) -> None:
                                              "n_pairs": {k: c.n for k, c in clients.items()}})
     print(f"\nHeld-out pair accuracy (%), {a.setting} setting: row = reward model, column = domain\n")
     print(matrix_markdown(matrix))
+
+
+def in_workers(fn, jobs: list, workers: int) -> None:
+    """Run fn(job) for every job in `workers` spawned processes and print each returned line as
+    it finishes. spawn: a fresh interpreter per worker (no forked torch thread pool); each job
+    rebuilds its Run from the args it carries, so its work is a pure function of the job."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        for line in pool.imap_unordered(fn, jobs):
+            tqdm.write(line)
+        pool.close()  # let the workers exit cleanly (the with-block alone would terminate them)
+        pool.join()
 
 
 def reward_job(run: Run, client: federated.Client) -> str:
@@ -568,13 +577,7 @@ def stage_grpo(run: Run) -> None:
     for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
         tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} exists, kept")
     if a.workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
-
-        # spawn: a fresh interpreter per worker (no forked torch thread pools); each worker
-        # rebuilds the Run from the same args, so its work is a pure function of (method, seed)
-        with mp.get_context("spawn").Pool(min(a.workers, len(todo)), maxtasksperchild=1) as pool:
-            for line in pool.imap_unordered(_grpo_worker, [(a, m, s) for m, s in todo]):
-                tqdm.write(line)
+        in_workers(_grpo_worker, [(a, m, s) for m, s in todo], a.workers)
     else:
         cache: dict = {}
         for m, s in todo:
@@ -583,11 +586,15 @@ def stage_grpo(run: Run) -> None:
     atomic_write_json(run.output("grpo"), summary)
 
 
+_WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded by its first job
+
+
 def _grpo_worker(job) -> str:
-    """One (method, seed) job in a worker process: one torch thread, its own Run."""
+    """One (method, seed) job in a worker process: one torch thread, its own Run. A worker
+    lives for the whole stage, so the RMs it loaded serve all of its jobs."""
     args, method, seed = job
     torch.set_num_threads(1)
-    return grpo_job(Run(args), method, seed, {})
+    return grpo_job(Run(args), method, seed, _WORKER_CACHE)
 
 
 def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
