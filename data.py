@@ -27,6 +27,7 @@ What is here, in reading order:
   5. `Encoder`: chat template -> processor (image tokens, mm_token_type_ids, left padding) -> tensors.
   6. Domain-balanced batches and the guarded optimizer step the training loops share.
   7. JSONL loading of users' own data with validation (file + line + field in every error).
+  8. Crash-safe writes (temp file beside the target, then a rename) for every stage output.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ import json
 import os
 import random
 import re
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------------------------
@@ -793,3 +797,83 @@ def blind_baseline(train: list[Example], test: dict[str, list[Example]]) -> dict
             hits += guess == e.answer
         acc[d] = hits / max(len(exs), 1)
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Crash-safe writes: beside the target, then a rename (atomic on POSIX). A killed run leaves
+#    the previous good state or nothing, never half a file. Here rather than in mor.py because
+#    the Flower apps (flower_fed.py) ship this module to the sites and write the same way.
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic(path: str | Path, write) -> None:
+    """write(tmp) to a hidden temp path beside `path`, then rename it over `path`. Temp files a
+    killed process left for the same target (kill -9 skips every cleanup) are removed first; a
+    failed write leaves the old file and no debris."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # after a success tmp is already gone
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`text` through a temp file, fsynced before the rename."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_file(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors through a temp file (metadata values are stored as strings)."""
+    meta = {k: str(v) for k, v in metadata.items()} if metadata else None
+    _atomic(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                        str(tmp), metadata=meta))
+
+
+def atomic_savefig(fig, path: str | Path) -> None:
+    """A matplotlib figure as PNG (format given: the temp name has no .png suffix)."""
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run that was killed (kill -9 skips the cleanup below): its half-written
+    # temp dir, or the previous output parked aside between the two renames.
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for parked in path.parent.glob(f".{path.name}.old*"):
+        if path.exists():
+            shutil.rmtree(parked, ignore_errors=True)
+        else:  # killed between the renames: the parked copy is the last good output
+            os.replace(parked, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Two renames: the old output moves aside, the new one takes its name. A kill between them
+    # leaves the previous good copy under .old*, never a half-written directory under `path`.
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -92,7 +92,7 @@ class Client:
             raise ValueError(f"client {name!r}: its {len(pairs)} pair(s) use {len(images)} image; needs pairs on "
                              "at least 2 images (whole images are held out for its pair accuracy)")
         random.Random(f"heldout-{name}-{seed}").shuffle(images)
-        held = set(images[: max(1, round(heldout * len(images)))]) if len(images) > 1 else set()
+        held = set(images[: max(1, round(heldout * len(images)))])
         self._train = [p for p in pairs if p.image not in held]
         self._heldout = [p for p in pairs if p.image in held]
         self._seed = seed
@@ -215,18 +215,9 @@ def check_upload(upload, server_state: dict[str, torch.Tensor]) -> str | None:
         state, n, loss = upload
     except (TypeError, ValueError):
         return "upload is not (state dict, n_k, loss)"
-    if not isinstance(state, dict):
-        return f"state is a {type(state).__name__}, not a dict of tensors"
-    missing, extra = sorted(set(server_state) - set(state)), sorted(set(state) - set(server_state))
-    if missing or extra:
-        return f"wrong keys (missing {missing}, unexpected {extra})"
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            return f"'{k}' is a {type(v).__name__}, not a tensor"
-        if v.shape != server_state[k].shape:
-            return f"'{k}' has shape {tuple(v.shape)}, expected {tuple(server_state[k].shape)}"
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            return f"'{k}' holds NaN/inf"
+    why = routing.state_problem(state, server_state)  # keys, shapes, finite values
+    if why:
+        return why
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         return f"n_k must be a positive integer, got {n!r}"
     if not isinstance(loss, (int, float)) or not math.isfinite(loss):

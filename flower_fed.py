@@ -79,9 +79,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+import data
 import federated
 import router as routing
 
@@ -94,43 +95,8 @@ LOG_PREFIX = "[mor-flower]"  # ServerApp lines the launcher shows on the console
 # a SuperNode needs only the packages of requirements.txt + requirements-flower.txt, not this repo.
 APP_MODULES = ("flower_fed.py", "federated.py", "router.py", "reward.py", "data.py")
 
-# ----------------------------------------------------------------------------------------------
-# Crash-safe writes (the house rule, as in mor.py): temp file beside the target, then a rename.
-# Own copies because the ClientApp/ServerApp processes must not import mor (the whole pipeline).
-# ----------------------------------------------------------------------------------------------
-
-
-def _temp_beside(path: Path) -> Path:
-    """The hidden temp path a write of `path` goes through; temp files a killed writer left for the
-    same target are swept first (kill -9 skips every cleanup), as mor.py does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):
-        stale.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """safetensors through a temp file and os.replace: readers see the old file or the new one."""
-    tmp = _temp_beside(Path(path))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:  # a failed write leaves no debris (after a success the temp name is already gone)
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_json(path: str | Path, obj) -> None:
-    tmp = _temp_beside(Path(path))
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
+# Crash-safe writes: data.atomic_save_file / data.atomic_write_json, as mor.py writes (data.py ships
+# with the app, so the ServerApp needs no copy of them).
 
 # ----------------------------------------------------------------------------------------------
 # The routing cache: what `Client.prepare_routing` computed, on the client's own disk
@@ -193,7 +159,7 @@ def save_routing_cache(path: str | Path, name: str, n_k: int, train: tuple, held
         tensors.update({f"{part}.{k}": t for k, t in zip(ROUTING_KEYS, tup)})
     meta = {"format": CACHE_FORMAT, "client": name}
     _check_cache(path, meta, tensors)
-    _atomic_save_tensors(path, tensors, meta)
+    data.atomic_save_file(path, tensors, meta)
 
 
 def write_routing_cache(client: federated.Client, path: str | Path) -> None:
@@ -637,7 +603,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
                 progress.close()
         summary["seconds"]["rounds"] = round(time.monotonic() - t_rounds, 2)
         # the final phi, as mor.py saves router-<setting>.safetensors (atomic; token: which run wrote it)
-        _atomic_save_tensors(cfg.out_path, state, {"format": "mor-router", "rounds": cfg.rounds, "token": cfg.token})
+        data.atomic_save_file(cfg.out_path, state, {"format": "mor-router", "rounds": cfg.rounds, "token": cfg.token})
         if cfg.evaluate:
             t = time.monotonic()
             summary["evaluate"], summary["evaluate_dropped"] = _evaluate(grid, cfg, node_of, state)
@@ -651,7 +617,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     finally:
         summary["seconds"]["total"] = round(time.monotonic() - t_all, 2)
         if cfg.summary_path:
-            _atomic_write_json(cfg.summary_path, summary)
+            data.atomic_write_json(cfg.summary_path, summary)
 
 
 def _evaluate(grid: Grid, cfg: FedConfig, node_of: dict, state: dict) -> tuple[dict, dict]:
@@ -708,7 +674,7 @@ def write_manifest(out_dir: str | Path, caches: dict[str, str | Path], init_stat
     dims = {(c.dim, c.num_rms) for c in clients.values()}
     if len(dims) != 1:
         raise ValueError(f"manifest: the caches disagree on (D, K): {sorted(dims)}")
-    _atomic_save_tensors(out_dir / "router-init.safetensors", init_state, {"format": "mor-router", "rounds": 0})
+    data.atomic_save_file(out_dir / "router-init.safetensors", init_state, {"format": "mor-router", "rounds": 0})
     defaults = FedConfig()
     dim, num_rms = dims.pop()
     man = {"format": MANIFEST_FORMAT, "clients": list(caches),
@@ -716,7 +682,7 @@ def write_manifest(out_dir: str | Path, caches: dict[str, str | Path], init_stat
            "init": "router-init.safetensors", "dim": dim, "num_rms": num_rms,
            "config": {k: config.get(k, getattr(defaults, k)) for k in CONFIG_KEYS},
            **{k: config[k] for k in ("setting", "run_dir", "prepare_seconds") if k in config}}
-    _atomic_write_json(out_dir / "manifest.json", man)
+    data.atomic_write_json(out_dir / "manifest.json", man)
     return out_dir / "manifest.json"
 
 
@@ -1092,7 +1058,7 @@ def launch(manifest: str | Path, out_dir: str | Path | None = None, overrides: d
     # submitted; teardown: from the end of the run until every process is gone
     summary["seconds"].update(launch_wall=round(wall, 2), processes_up=round(t_submit - t0, 2),
                               teardown=round(time.perf_counter() - t_done, 2))
-    _atomic_write_json(path, summary)
+    data.atomic_write_json(path, summary)
     return summary
 
 
@@ -1186,7 +1152,7 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
     c = summary["config"]
     flower_state = routing.load_state(c["out-path"], routing.Router(c["dim"], c["num-rms"], c["hidden"], c["route-on"]))
     state, log, seconds, acc = run_in_process(manifest, overrides)
-    _atomic_save_tensors(out_dir / "router-inprocess.safetensors", state, {"format": "mor-router"})
+    data.atomic_save_file(out_dir / "router-inprocess.safetensors", state, {"format": "mor-router"})
     f_losses = [f"{e['loss']:.4f}" for e in summary["rounds"]]
     i_losses = [f"{e['loss']:.4f}" for e in log]
     res = {"max_abs_weight_diff": max_abs_diff(flower_state, state),
@@ -1204,7 +1170,7 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
         if pipe.is_file():
             res["max_abs_weight_diff_vs_pipeline_router"] = max_abs_diff(flower_state, load_file(str(pipe)))
             res["pipeline_router"] = str(pipe)
-    _atomic_write_json(out_dir / "compare.json", res)
+    data.atomic_write_json(out_dir / "compare.json", res)
     return res
 
 

@@ -22,17 +22,14 @@ import math
 import os
 import re
 import random
-import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import data
@@ -43,85 +40,9 @@ import reward
 import router
 from reward import sft_loss, train_sft  # noqa: F401  (the reference SFT; re-exported for tests)
 
-# ----------------------------------------------------------------------------------------------
-# Crash-safe outputs: write beside the target, then rename (atomic on POSIX). A killed run
-# leaves either the previous good state or nothing, never half a file.
-# ----------------------------------------------------------------------------------------------
-
-
-def _temp_beside(path: Path) -> Path:
-    """The hidden temp path a write of `path` goes through. Temp files a killed process left for
-    the same target (kill -9 skips every cleanup) are removed first: one run writes a run dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):
-        stale.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a hidden temp file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # a failed write leaves no debris (after a success tmp is already gone)
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save_file(path: str | Path, tensors: dict) -> None:
-    """safetensors save through a temp file and a rename."""
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_savefig(fig, path: Path) -> None:
-    """A matplotlib figure saved as PNG through a temp file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")  # savefig picks the format from the suffix
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a run that was killed (kill -9 skips the cleanup below): its half-written
-    # temp dir, or the previous output parked aside between the two renames.
-    for stale in path.parent.glob(f".{path.name}.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for parked in path.parent.glob(f".{path.name}.old*"):
-        if path.exists():
-            shutil.rmtree(parked, ignore_errors=True)
-        else:  # killed between the renames: the parked copy is the last good output
-            os.replace(parked, path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # Two renames: the old output moves aside, the new one takes its name. A kill between them
-    # leaves the previous good copy under .old*, never a half-written directory under `path`.
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+# Crash-safe outputs (data.py section 8): temp file beside the target, then a rename. Re-exported
+# here because every stage writes through them.
+from data import atomic_dir, atomic_save_file, atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402,F401
 
 
 def set_seed(seed: int) -> None:

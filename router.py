@@ -120,19 +120,33 @@ def load_state(path, model: Router) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:  # a pickle renamed .safetensors lands here
         raise ValueError(f"{path}: not a valid safetensors file ({e}); refused") from None
     want = model.state_dict()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        raise ValueError(f"{path}: unexpected router keys (missing {missing}, unexpected {extra})")
     last = "net.2.weight"  # [K, hidden]: its rows are the K reward models
-    if state[last].shape[0] != want[last].shape[0]:
+    if last in state and last in want and state[last].shape[0] != want[last].shape[0]:
         raise ValueError(f"{path}: router has {state[last].shape[0]} outputs but the federation has "
                          f"{want[last].shape[0]} reward models (K mismatch); retrain the router")
-    for k, v in state.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
-        if not torch.isfinite(v).all():
-            raise ValueError(f"{path}: '{k}' holds NaN/inf; refused")
+    why = state_problem(state, want)
+    if why:
+        raise ValueError(f"{path}: {why}; refused")
     return state
+
+
+def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with router weights `state` against the expected `want`, or None: exactly
+    want's keys, tensors of want's shapes, finite floats. Shared by the router file check above
+    and the server's check of every round upload (federated.check_upload)."""
+    if not isinstance(state, dict):
+        return f"state is a {type(state).__name__}, not a dict of tensors"
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        return f"wrong keys (missing {missing}, unexpected {extra})"
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            return f"'{k}' is a {type(v).__name__}, not a tensor"
+        if v.shape != want[k].shape:
+            return f"'{k}' has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}"
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            return f"'{k}' holds NaN/inf"
+    return None
 
 
 def pooled_stats(moments: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

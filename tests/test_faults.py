@@ -243,7 +243,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         mor.atomic_write_json(tmp_path / "r.json", {"good": 0})
-    monkeypatch.setattr(mor, "save_file", disk_full)
+    monkeypatch.setattr(data, "save_file", disk_full)
     with pytest.raises(OSError):
         mor.atomic_save_file(tmp_path / "w.safetensors", {"w": torch.zeros(3)})
     assert json.loads((tmp_path / "r.json").read_text()) == {"good": 1}
