@@ -13,10 +13,12 @@ What is here, in reading order:
      the shape's centroid is measured exactly from the pixels; only images whose shape sits
      clearly off-centre (>= POSITION_MARGIN px) get a position question, and each template is
      subsampled to 50/50, so the question text says nothing about the answer.
+     Synthetic captioned images for the tiny base's generic pre-training live here too.
   2. Splits. Train images are split by image id (disjoint): public SFT split for the server's
      reference policy, one private split per client (the client keeps only its domain's questions,
      turned into preference pairs), and an unlabelled GRPO prompt pool. The test split is the
-     easy-VQA test set (>= 1,000 questions per domain).
+     easy-VQA test set (>= 1,000 questions per domain). The public split's labels carry a careless
+     annotator's confusions (PUBLIC_CONFUSIONS): the room that alignment must recover.
   3. Preference pairs. chosen = gold answer + <|im_end|>; rejected = what a sampling policy emits
      (DESIGN 4, "reward hacking"): wrong answers of the same domain, answers of other domains,
      no end token, repeats, empty.
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -69,7 +71,8 @@ CAPTION_WORDS = ["a", "on", "the", "at", "in", "middle"]
 
 @dataclass
 class Example:
-    """One visual question. `image` is a path (loaded lazily, cached by `load_image`)."""
+    """One visual question. `image` is a path (loaded lazily, cached by `load_image`), or a PIL
+    image for the synthetic pre-training data."""
 
     image: str
     prompt: str
@@ -166,6 +169,50 @@ def easy_vqa_examples(split: str, seed: int = 0) -> dict[str, list[Example]]:
     return out
 
 
+# Generic pre-training data for the tiny base (DESIGN 4, "vision too coarse"): synthetic images
+# drawn in easy-VQA's style (one flat shape of a pure colour on a light background, 64x64) with
+# a caption naming its colour, shape and place: "a teal circle on the left at the middle". They
+# belong to no client and to no split; the tiny base learns to *see* from them, the way a real
+# VLM arrives pre-trained, so that shape is learnable from the small public split (measured at
+# 300 SFT steps: shape 47% from scratch, 82% after 600 steps of this pre-training) and so that RL
+# can reach answers the reference SFT under-weights (README, gate 4).
+SHAPE_RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
+             "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0)}
+PRETRAIN_PROMPT = "what is in the image?"
+
+
+def synthetic_image(rng: random.Random) -> tuple[Image.Image, str]:
+    """One easy-VQA-style image and its caption. Sizes span easy-VQA's (8-32 px, measured)."""
+    im = Image.new("RGB", (64, 64), tuple(rng.randint(225, 255) for _ in range(3)))
+    color, shape = rng.choice(COLORS), rng.choice(SHAPES)
+    w = rng.randint(8, 32)
+    h = rng.randint(8, 32) if shape == "rectangle" else w
+    x0, y0 = rng.randint(0, 64 - w), rng.randint(0, 64 - h)
+    draw = ImageDraw.Draw(im)
+    if shape == "circle":
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=SHAPE_RGB[color])
+    elif shape == "rectangle":
+        draw.rectangle([x0, y0, x0 + w, y0 + h], fill=SHAPE_RGB[color])
+    else:
+        draw.polygon([(x0 + w / 2, y0), (x0, y0 + h), (x0 + w, y0 + h)], fill=SHAPE_RGB[color])
+
+    def place(v, low, high):  # the position questions' rule: off-centre by POSITION_MARGIN
+        return low if v < 31.5 - POSITION_MARGIN else high if v > 31.5 + POSITION_MARGIN else "middle"
+
+    px, py = place(x0 + w / 2, "left", "right"), place(y0 + h / 2, "top", "bottom")
+    return im, f"a {color} {shape} on the {px} at the {py}"
+
+
+def pretrain_examples(n: int, seed: int) -> list[Example]:
+    """n captioned synthetic images (PIL images in memory, 12 KB each) as one 'caption' domain."""
+    rng = random.Random(f"pretrain-{seed}")
+    out = []
+    for i in range(n):
+        im, caption = synthetic_image(rng)
+        out.append(Example(im, PRETRAIN_PROMPT, caption, "caption", f"synthetic/{i}"))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Splits
 # ----------------------------------------------------------------------------------------------
@@ -194,13 +241,43 @@ class Federation:
 
 DEFAULT_SPLIT = {"public": 600, "color": 800, "shape": 1200, "position": 800, "pool": 600}
 
+# The server's public split was labelled by a careless annotator who confuses one answer of each
+# domain with a neighbour: answer -> (what the annotator wrote, how often). Why the benchmark
+# needs it (README, "gate 4"): a reference SFT'd on clean labels sits at its ceiling on colour
+# and position (95-99%), so no reward, not even the oracle, can show a gain there. With these
+# confusions the reference says "green" for most teal shapes, yet the right answer keeps real
+# probability mass (the pre-trained base knows teal), which is room that RL can recover, and
+# recover only if its reward knows better: the clients' clean private data do, the server's
+# labels do not. Measured at 300 SFT steps: reference 80 / 40-50 / 77 %, oracle GRPO +18 / +20
+# / +20 points. Triangle is confused less often: at 0.6 the reference fell to 40% on shape,
+# within 10 points of the blind baseline (gate 2a). The test set, the pool and the clients'
+# data are untouched.
+PUBLIC_CONFUSIONS = {"teal": ("green", 0.6), "brown": ("red", 0.6), "triangle": ("rectangle", 0.45),
+                     "bottom": ("top", 0.6)}
+
+
+def careless_labels(examples: list[Example], seed: int,
+                    confusions: dict[str, tuple[str, float]] | None = None) -> list[Example]:
+    """The public split as its annotator labelled it: each answer in `confusions` is replaced by
+    its neighbour with the given probability (seeded; the same seed relabels the same rows)."""
+    conf = PUBLIC_CONFUSIONS if confusions is None else confusions
+    rng = random.Random(f"careless-{seed}")
+    out = []
+    for e in examples:
+        if e.answer in conf and rng.random() < conf[e.answer][1]:
+            e = Example(e.image, e.prompt, conf[e.answer][0], e.domain, e.image_id)
+        out.append(e)
+    return out
+
 
 def build_federation(seed: int = 0, split_sizes: dict[str, int] | None = None,
-                     test_per_domain: int | None = None) -> Federation:
+                     test_per_domain: int | None = None,
+                     confusions: dict[str, tuple[str, float]] | None = None) -> Federation:
     """Deterministic, seeded, disjoint-by-image split of easy-VQA train into the federation.
 
     split_sizes: number of train images per part (public / one per client domain / pool); their
     sum must be <= 4,000. The shape client gets the most images: shape needs volume (DESIGN 4).
+    confusions: the public annotator's (PUBLIC_CONFUSIONS when None; {} for clean labels).
     """
     sizes = dict(DEFAULT_SPLIT if split_sizes is None else split_sizes)
     train = easy_vqa_examples("train", seed)
@@ -218,7 +295,7 @@ def build_federation(seed: int = 0, split_sizes: dict[str, int] | None = None,
     def on(ids, domains):
         return [e for d in domains for e in train[d] if e.image_id in ids]
 
-    public = on(parts["public"], DOMAINS)
+    public = careless_labels(on(parts["public"], DOMAINS), seed, confusions)
     clients = {d: on(parts[d], [d]) for d in DOMAINS}
     pool_full = on(parts["pool"], DOMAINS)
     random.Random(seed).shuffle(pool_full)

@@ -1,6 +1,7 @@
 """The easy-VQA federation, the tokenizer/input path and user-data validation."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -26,6 +27,50 @@ def test_splits_disjoint_by_image_and_deterministic(fed):
     assert [e.prompt for e in again.pool] == [e.prompt for e in fed.pool]
     other = data.build_federation(1)
     assert other.image_split["public"] != fed.image_split["public"]
+
+
+def test_public_labels_carry_the_annotators_confusions_and_nothing_else(fed):
+    clean = data.build_federation(0, confusions={})
+    assert [(e.image_id, e.prompt) for e in clean.public] == [(e.image_id, e.prompt) for e in fed.public]
+    changed = [(c.answer, e.answer) for c, e in zip(clean.public, fed.public) if c.answer != e.answer]
+    # only the listed answers change, only into their neighbour, at about the listed rate
+    for src, (dst, q) in data.PUBLIC_CONFUSIONS.items():
+        n = sum(c.answer == src for c in clean.public)
+        k = sum(pair == (src, dst) for pair in changed)
+        assert n >= 40 and abs(k / n - q) < 0.2, (src, k, n)
+    assert {src for src, _ in changed} == set(data.PUBLIC_CONFUSIONS)
+    # the clients, the pool's gold and the test set are labelled correctly
+    assert [e.answer for e in clean.clients["color"]] == [e.answer for e in fed.clients["color"]]
+    assert clean.pool_gold == fed.pool_gold
+    assert [e.answer for e in clean.test["shape"]] == [e.answer for e in fed.test["shape"]]
+
+
+def test_synthetic_captions_describe_the_drawn_image():
+    import random
+    rng = random.Random(0)
+    for _ in range(60):
+        im, caption = data.synthetic_image(rng)
+        words = caption.split()
+        color, shape, px, py = words[1], words[2], words[5], words[8]
+        assert caption == f"a {color} {shape} on the {px} at the {py}"
+        a = torch.from_numpy(np.array(im))
+        ink = (a == torch.tensor(data.SHAPE_RGB[color])).all(-1)  # the shape's pixels, exact colour
+        ys, xs = ink.nonzero(as_tuple=True)
+        assert len(xs) >= 30, caption
+        # the caption's place follows the position questions' rule on the bounding box centre
+        cx, cy = (xs.min() + xs.max()).item() / 2, (ys.min() + ys.max()).item() / 2
+        for v, word, low, high in ((cx, px, "left", "right"), (cy, py, "top", "bottom")):
+            if abs(v - 31.5) > data.POSITION_MARGIN + 1:
+                assert word == (low if v < 31.5 else high), (caption, cx, cy)
+        # a rectangle fills its bounding box, a circle about pi/4 of it, a triangle about half
+        fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)).item()
+        assert {"rectangle": fill > 0.95, "circle": 0.65 < fill < 0.9, "triangle": 0.4 < fill < 0.65}[shape], \
+            (caption, fill)
+    exs = data.pretrain_examples(5, seed=0)
+    assert [e.answer for e in exs] == [e.answer for e in data.pretrain_examples(5, seed=0)]
+    assert {e.domain for e in exs} == {"caption"} and all(e.prompt == data.PRETRAIN_PROMPT for e in exs)
+    tok = data.build_tokenizer()
+    assert tok.unk_token_id not in tok(data.PRETRAIN_PROMPT + " " + exs[0].answer)["input_ids"]
 
 
 def test_test_split_is_large_and_balanced(fed):
