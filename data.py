@@ -40,7 +40,7 @@ import random
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +196,8 @@ def synthetic_image(rng: random.Random) -> tuple[Image.Image, str]:
     else:
         draw.polygon([(x0 + w / 2, y0), (x0, y0 + h), (x0 + w, y0 + h)], fill=SHAPE_RGB[color])
 
-    def place(v, low, high):  # the position questions' rule: off-centre by POSITION_MARGIN
+    def place(v, low, high):  # off-centre by more than POSITION_MARGIN, else the middle (a
+        # position question is also asked at exactly the margin; captions call that the middle)
         return low if v < 31.5 - POSITION_MARGIN else high if v > 31.5 + POSITION_MARGIN else "middle"
 
     px, py = place(x0 + w / 2, "left", "right"), place(y0 + h / 2, "top", "bottom")
@@ -248,10 +249,10 @@ DEFAULT_SPLIT = {"public": 600, "color": 800, "shape": 1200, "position": 800, "p
 # confusions the reference says "green" for most teal shapes, yet the right answer keeps real
 # probability mass (the pre-trained base knows teal), which is room that RL can recover, and
 # recover only if its reward knows better: the clients' clean private data do, the server's
-# labels do not. Measured at 300 SFT steps: reference 80 / 40-50 / 77 %, oracle GRPO +18 / +20
-# / +20 points. Triangle is confused less often: at 0.6 the reference fell to 40% on shape,
-# within 10 points of the blind baseline (gate 2a). The test set, the pool and the clients'
-# data are untouched.
+# labels do not. Measured (default run, 3 seeds): reference 79.2 / 54.7 / 73.5 %, oracle GRPO
+# +20.2 / +23.9 / +25.3 points. Triangle is confused less often: at 0.6 the reference fell to
+# 40% on shape, within 10 points of the blind baseline (gate 2a). The test set, the pool and
+# the clients' data are untouched.
 PUBLIC_CONFUSIONS = {"teal": ("green", 0.6), "brown": ("red", 0.6), "triangle": ("rectangle", 0.45),
                      "bottom": ("top", 0.6)}
 
@@ -265,7 +266,7 @@ def careless_labels(examples: list[Example], seed: int,
     out = []
     for e in examples:
         if e.answer in conf and rng.random() < conf[e.answer][1]:
-            e = Example(e.image, e.prompt, conf[e.answer][0], e.domain, e.image_id)
+            e = replace(e, answer=conf[e.answer][0])
         out.append(e)
     return out
 

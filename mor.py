@@ -885,8 +885,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="caption pre-training steps of the tiny base (default 600, --quick 5; 0: none)")
     p.add_argument("--sft-steps", type=int, default=None, help="reference SFT steps (default 300, --quick 40)")
-    p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains")
-    p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW learning rate of the SFT")
+    p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains (also the pre-training batch)")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW learning rate of the SFT and of the pre-training")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
                    help="clients' VLM families: heterogeneous (LLaVA-OV / Qwen2.5-VL / Qwen2-VL), "

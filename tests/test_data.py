@@ -1,5 +1,6 @@
 """The easy-VQA federation, the tokenizer/input path and user-data validation."""
 import json
+import random
 
 import numpy as np
 import pytest
@@ -46,7 +47,6 @@ def test_public_labels_carry_the_annotators_confusions_and_nothing_else(fed):
 
 
 def test_synthetic_captions_describe_the_drawn_image():
-    import random
     rng = random.Random(0)
     for _ in range(60):
         im, caption = data.synthetic_image(rng)
