@@ -362,6 +362,47 @@ def make_pairs(examples: list[Example], seed: int, per_question: int = 2) -> lis
     return pairs
 
 
+def format_pairs(examples: list[Example], n: int, seed: int, tag: str = "",
+                 skip_domains: frozenset | set = frozenset()) -> list[Pair]:
+    """Format-only pairs on `n` of `examples` (a seeded sample of the public split's questions,
+    those of `skip_domains` left out): the chosen side is a one-word answer + end token, the
+    rejected side the same word made malformed (no end token, repeated, empty, or run into a
+    second answer word like a caption). The chosen word is drawn uniformly from the question's
+    candidate answers (its domain's answers; a position question's two named sides), whatever
+    the image shows: the pairs carry no preference between answers, only that a one-word answer
+    that ends beats what is not one.
+
+    Why: a client's own pairs only show it its own domain's questions. Measured on the default
+    run, each client RM used alone was hacked on the other domains' prompts (29.8% and 29.9%
+    malformed samples for colour and shape; the colour RM's policy answered shape questions with
+    an empty response, the shape RM's answered position questions "blue rectangle rectangle"),
+    although its in-domain pairs reject exactly those forms. A client skips its own domain, which
+    its pairs cover.
+
+    Off by default (mor.py --format-share 0), because it costs the RMs their content. Measured
+    (data seed 0, heterogeneous, held-out in-domain pair accuracy colour / shape / position, and
+    the largest 10-step malformed share of each RM alone under GRPO, seed 0):
+      share 0 (default):   96.0 / 95.3 / 100.0    malformed 29.8 / 29.9 / 10.0 % (3-seed means)
+      share 1/3:           88.4 / 90.5 /  88.7    malformed  0.5 /  0.9 /  1.7 %
+      share 0.1:           98.5 / 91.9 /  84.4    malformed  0.4 /  0.3 / (not run) %
+    The loss is in the wrong-answer pairs (share 1/3: 76 / 82 / 80% right, against 92 / 91 / 100),
+    i.e. in what the RM knows, not in its sense of form. The default guards the form at the
+    server instead (grpo.format_guard). An earlier variant that used the public label as the
+    chosen word and kept the client's own domain dropped position to 90.1: the careless "top"
+    for "bottom" leaked in."""
+    rng = random.Random(f"format-{tag}-{seed}")
+    all_answers = [a for d in DOMAINS for a in DOMAIN_ANSWERS[d]]
+    pool = [e for e in examples if e.domain not in skip_domains]
+    out = []
+    for e in rng.sample(pool, min(n, len(pool))):
+        cands = [e.answer, OPPOSITE[e.answer]] if e.answer in OPPOSITE else DOMAIN_ANSWERS.get(e.domain, all_answers)
+        w = rng.choice(sorted(cands))
+        v = rng.choice([a for a in all_answers if a != w])
+        rejected = rng.choice([w, f"{w} {w}" + EOS, EOS, f"{v} {w}" + EOS, f"{w} {v}" + EOS, f"{w} {w} {w}"])
+        out.append(Pair(e.image, e.prompt, w + EOS, rejected, "format"))
+    return out
+
+
 def flip_pairs(pairs: list[Pair], share: float, seed: int) -> list[Pair]:
     """A careless annotator: each pair's preference is reversed with probability `share` (seeded).
     At share 0.5 the pairs carry no preference signal at all: the bucket-effect client."""

@@ -83,7 +83,8 @@ class Client:
     Public (what may leave): `name`, `n` (number of training pairs, the FedAvg weight n_k),
     reward-model directories written by `train_reward_model`, and scalar metrics."""
 
-    def __init__(self, name: str, pairs: list[data.Pair], seed: int, heldout: float = 0.1):
+    def __init__(self, name: str, pairs: list[data.Pair], seed: int, heldout: float = 0.1,
+                 format_pairs: list[data.Pair] | None = None):
         if not pairs:
             raise ValueError(f"client {name!r}: no preference pairs")
         self.name = name
@@ -95,6 +96,10 @@ class Client:
         held = set(images[: max(1, round(heldout * len(images)))])
         self._train = [p for p in pairs if p.image not in held]
         self._heldout = [p for p in pairs if p.image in held]
+        # Format-only pairs on public questions (data.format_pairs): extra Bradley-Terry rows for
+        # the RM and nothing else. They are not the client's data, so they count in no n_k, no
+        # held-out accuracy, no reward statistics and no routing feature.
+        self._format = list(format_pairs or [])
         self._seed = seed
 
     @property
@@ -110,9 +115,11 @@ class Client:
         vlm, proc = data.load_vlm(init_dir, device=device)
         torch.manual_seed(self._seed)  # the head's init
         rm = reward.RewardModel(vlm, proc)
-        log = reward.train_reward_model(rm, self._train, cfg, self._seed, desc=f"reward {self.name}")
+        log = reward.train_reward_model(rm, self._train, cfg, self._seed, desc=f"reward {self.name}",
+                                        format_pairs=self._format)
         acc = self.pair_accuracy(rm)
         metrics = {"client": self.name, "family": vlm.config.model_type, "n_pairs": self.n,
+                   "format_pairs": len(self._format),
                    "heldout_pairs": len(self._heldout), "heldout_accuracy": acc,
                    "final_bt_loss": sum(log["loss"][-20:]) / max(len(log["loss"][-20:]), 1),
                    "seconds": round(time.time() - t, 1)}

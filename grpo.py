@@ -8,6 +8,10 @@ For a batch of N prompts x, sample G responses o_1..o_G each from pi_old, then
   l_t     = - ( min(ratio_t A_i, clip(ratio_t, 1-eps, 1+eps) A_i) - beta KL_t )
   L       = mean over sequences of ( mean over that sequence's response tokens of l_t )
 
+Before E5, `format_guard` ranks every malformed sample (not one word + end token) last in its
+group, for every reward source alike (GRPOConfig.format_guard, --no-format-guard to measure
+without it).
+
 pi_ref is the frozen reference policy (the SFT model the run started from). With mu = 1 inner
 update, pi_old = pi_theta at the time of sampling, so the ratio is 1 in value and only its
 gradient matters; with mu > 1 the old log-probs are computed once before the updates.
@@ -45,6 +49,26 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     # keeps a group whose G rewards are all equal at A = 0 instead of 0/0.
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
     return a.view(-1)
+
+
+def format_guard(rewards: torch.Tensor, well_formed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards [N*G], well_formed [N*G] bool -> rewards where every malformed sample scores one
+    below the lowest well-formed sample of its group (a group with none keeps its rewards: A = 0
+    there either way, since E5 only compares within a group).
+
+      R'_i = R_i                                      o_i well-formed (one word + end token)
+      R'_i = min_{j well-formed} R_j - 1               otherwise
+
+    Why: a client RM used alone scores prompts of domains it never saw, and measured on the
+    default run its policy learned to answer them with what it happened to score high there (an
+    empty response, "blue rectangle rectangle"): 29.8% and 29.9% malformed samples for the colour
+    and shape RMs alone. The rule is the server's, applied the same way to every reward source
+    (the oracle's included), so the table compares the rewards' content, not their blind spots
+    on form. Scale-free: the rewards' units never matter, only the order inside a group."""
+    r = rewards.float().view(-1, group_size)  # [N, G]
+    ok = well_formed.view(-1, group_size)
+    floor = torch.where(ok, r, torch.full_like(r, float("inf"))).min(1, keepdim=True).values - 1  # [N, 1]
+    return torch.where(ok | torch.isinf(floor), r, floor.expand_as(r)).view(-1)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -248,7 +272,7 @@ class NTSReward:
 class GRPOConfig:
     """Defaults: the embedded default's main table (README). --quick shrinks steps."""
 
-    steps: int = 100
+    steps: int = 80
     prompts: int = 16  # N prompts per step
     group: int = 8  # G samples per prompt
     max_new_tokens: int = 4
@@ -257,6 +281,7 @@ class GRPOConfig:
     clip_eps: float = 0.2
     mu: int = 1  # inner updates per batch of samples
     temperature: float = 1.0
+    format_guard: bool = True  # malformed samples rank last in their group (`format_guard`)
 
 
 def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, seed: int,
@@ -310,7 +335,9 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             tqdm.write(f"{desc} step {step}: {bad} non-finite reward(s) from the reward source, batch skipped")
             log["skipped"].append(step)
             continue
-        adv = group_advantages(rewards, G).to(device)
+        answers = [data.extract_answer(r) for r in responses]  # None: malformed
+        shaped = format_guard(rewards, torch.tensor([a is not None for a in answers]), G) if cfg.format_guard else rewards
+        adv = group_advantages(shaped, G).to(device)  # the log keeps the reward source's own values
         # -- 4. mu clipped policy-gradient updates --------------------------------------------
         policy.train()
         old_logp = None
@@ -335,7 +362,6 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         # -- 5. what the bar and the logs show -------------------------------------------------
         m = mask.float()
         kl = ((kl_k3(logp.detach(), ref_logp) * m).sum(1) / m.sum(1).clamp(min=1)).mean().item()
-        answers = [data.extract_answer(r) for r in responses]
         log["reward"].append(rewards.mean().item())
         log["kl"].append(kl)
         log["loss"].append(loss.item())

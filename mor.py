@@ -130,7 +130,7 @@ PRETRAIN_IMAGES = 4000
 QUICK = dict(pretrain_steps=5, sft_steps=40, test_per_domain=96, rm_sft_steps=10, rm_steps=10, rounds=5,
              seeds="0", grpo_steps=3, router_pairs=128)
 DEFAULT = dict(pretrain_steps=600, sft_steps=300, test_per_domain=None, rm_sft_steps=300, rm_steps=300,
-               rounds=30, seeds="0,1,2", grpo_steps=100, router_pairs=600)
+               rounds=30, seeds="0,1,2", grpo_steps=80, router_pairs=600)
 
 # Client -> the family of its own VLM. Heterogeneous: colour needs no fine detail, so it gets
 # LLaVA-OneVision (a patch-16 SigLIP tower, the cheapest); shape and position need the finer
@@ -210,8 +210,17 @@ class Run:
             p = data.make_pairs(exs, self.args.seed)
             return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == WEAK_CLIENT else p
 
-        return {name: federated.Client(name, pairs(name, exs), self.args.seed)
-                for name, exs in self.fed.clients.items()}
+        def client(name, exs):
+            p = pairs(name, exs)
+            # Format-only pairs on the public split's questions of the other domains (public:
+            # any client may fetch them), --format-share of the client's own pair count: they
+            # teach its RM what a malformed response is on prompts outside its domain
+            # (data.format_pairs).
+            fmt = data.format_pairs(self.fed.public, round(self.args.format_share * len(p)), self.args.seed, name,
+                                    skip_domains={q.domain for q in p})
+            return federated.Client(name, p, self.args.seed, format_pairs=fmt)
+
+        return {name: client(name, exs) for name, exs in self.fed.clients.items()}
 
     def family(self, client: str) -> str:
         return SETTINGS[self.args.setting].get(client, USER_FAMILY)
@@ -255,7 +264,7 @@ def stage_base(run: Run) -> None:
         if a.pretrain_steps:
             model, proc = data.load_vlm(tmp, device=run.device)
             examples = data.pretrain_examples(PRETRAIN_IMAGES, a.seed)
-            losses = train_sft(model, data.Encoder(proc), examples, a.pretrain_steps, a.sft_batch, a.sft_lr,
+            losses = train_sft(model, data.Encoder(proc), examples, a.pretrain_steps, a.sft_batch, a.pretrain_lr,
                                a.seed, desc="pretrain")
             model.save_pretrained(tmp, safe_serialization=True)
             atomic_write_json(tmp / "pretrain_log.json", {"loss": losses, "steps": a.pretrain_steps,
@@ -285,8 +294,13 @@ def stage_sft(run: Run) -> None:
                f"over {len(losses)} steps on {len(run.fed.public)} public questions")
 
 
-def stage_reward(run: Run) -> None:
-    """E1 on every client, then the cross-domain matrix (and FedAvg-RM when homogeneous)."""
+def stage_reward(run: Run, beside: list[str] = ()) -> dict:
+    """E1 on every client, then the cross-domain matrix (and FedAvg-RM when homogeneous).
+
+    `beside`: server stages (base, sft) that have not run yet. They and the clients' RMs need
+    nothing from each other, so with --workers > 1 the server's chain is one more job in the
+    pool: measured, the three RM jobs alone left one of two workers idle for a third of the
+    stage. Returns {server stage: seconds it took inside its worker}."""
     a = run.args
     clients = run.clients()
     # In a real federation the clients train at the same time on their own machines; here they
@@ -299,9 +313,14 @@ def stage_reward(run: Run) -> None:
         else:
             run.client_init(name)  # built here, once: two workers must not race for one family dir
             todo.append(name)
-    if a.workers > 1 and len(todo) > 1:
-        in_workers(_reward_worker, [(a, name) for name in todo], a.workers)
+    jobs = [(a, None, list(beside))] if beside else []  # the server's chain first: the longest job
+    jobs += [(a, name, []) for name in todo]
+    times = {}
+    if a.workers > 1 and len(jobs) > 1:
+        for t in in_workers(_reward_worker, jobs, a.workers):
+            times.update(t)
     else:
+        times = server_job(run, beside)[1] if beside else {}
         for name in todo:
             tqdm.write(reward_job(run, clients[name]))
     uploads = {name: run.rm_dir(name) for name in clients}
@@ -322,19 +341,36 @@ def stage_reward(run: Run) -> None:
                                              "n_pairs": {k: c.n for k, c in clients.items()}})
     print(f"\nHeld-out pair accuracy (%), {a.setting} setting: row = reward model, column = domain\n")
     print(matrix_markdown(matrix))
+    return times
 
 
-def in_workers(fn, jobs: list, workers: int) -> None:
-    """Run fn(job) for every job in `workers` spawned processes and print each returned line as
-    it finishes. spawn: a fresh interpreter per worker (no forked torch thread pool); each job
-    rebuilds its Run from the args it carries, so its work is a pure function of the job."""
+def in_workers(fn, jobs: list, workers: int) -> list:
+    """Run fn(job) for every job in `workers` spawned processes, in the order given (a long job
+    first keeps the pool busy), and print each returned line as it finishes; fn returns a line
+    or (line, extra), and the extras come back in order of completion. spawn: a fresh
+    interpreter per worker (no forked torch thread pool); each job rebuilds its Run from the
+    args it carries, so its work is a pure function of the job."""
     import multiprocessing as mp
 
+    extras = []
     with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        for line in pool.imap_unordered(fn, jobs):
+        for out in pool.imap_unordered(fn, jobs):
+            line, extra = out if isinstance(out, tuple) else (out, None)
             tqdm.write(line)
+            extras.append(extra)
         pool.close()  # let the workers exit cleanly (the with-block alone would terminate them)
         pool.join()
+    return extras
+
+
+def server_job(run: Run, stages: list[str]) -> tuple[str, dict]:
+    """The server's own chain (base, then sft), timed stage by stage."""
+    times = {}
+    for name in stages:
+        t = time.time()
+        STAGES[name](run)
+        times[name] = round(time.time() - t, 2)
+    return "server: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), times
 
 
 def reward_job(run: Run, client: federated.Client) -> str:
@@ -346,13 +382,16 @@ def reward_job(run: Run, client: federated.Client) -> str:
             f"on {m['heldout_pairs']} pairs, {m['seconds']:.0f}s")
 
 
-def _reward_worker(job) -> str:
-    """One client's RM in a worker process (one torch thread; the Run and its clients are
-    rebuilt from the same args, a pure function of the data seed)."""
-    args, name = job
+def _reward_worker(job) -> tuple[str, dict]:
+    """One client's RM, or (name None) the server's base and sft, in a worker process (one
+    torch thread; the Run and its clients are rebuilt from the same args, a pure function of
+    the data seed)."""
+    args, name, server_stages = job
     torch.set_num_threads(1)
     run = Run(args)
-    return reward_job(run, run.clients()[name])
+    if name is None:
+        return server_job(run, server_stages)
+    return reward_job(run, run.clients()[name]), {}
 
 
 def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
@@ -498,7 +537,8 @@ def policy_dir(run: Run, method: str, seed: int) -> Path:
 def grpo_config(run: Run) -> grpo.GRPOConfig:
     # CLI flags -> the loop's config (clip eps, mu, max new tokens keep grpo.GRPOConfig's defaults)
     a = run.args
-    return grpo.GRPOConfig(steps=a.grpo_steps, prompts=a.grpo_prompts, group=a.group, lr=a.grpo_lr, beta=a.beta)
+    return grpo.GRPOConfig(steps=a.grpo_steps, prompts=a.grpo_prompts, group=a.group, lr=a.grpo_lr, beta=a.beta,
+                           format_guard=a.format_guard)
 
 
 def stage_grpo(run: Run) -> None:
@@ -514,6 +554,9 @@ def stage_grpo(run: Run) -> None:
     for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
         tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} exists, kept")
     if a.workers > 1 and len(todo) > 1:
+        # the costliest jobs first (they score with the most RMs), so the pool does not end on
+        # one long job with the other worker idle
+        todo.sort(key=lambda ms: -JOB_COST.get(ms[0], 1))
         in_workers(_grpo_worker, [(a, m, s) for m, s in todo], a.workers)
     else:
         cache: dict = {}
@@ -524,6 +567,10 @@ def stage_grpo(run: Run) -> None:
 
 
 _WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded by its first job
+# Relative cost of a GRPO job (training + test eval, 1 thread, measured on the default run with
+# 100 steps): Avg/Weighted RM and MoR score with every RM (77-89 s), NTS adds a bandit update
+# and a policy forward per step (82-87 s), single RMs take 67-73 s and the oracle about 62 s.
+JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor": 1.2, "mor_nts": 1.2, "mor_nts_batch": 1.2}
 
 
 def _grpo_worker(job) -> str:
@@ -566,14 +613,21 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     t = time.time()
     log = grpo.train_grpo(policy, ref, data.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
                           desc=f"grpo {method} s{seed}")
+    t_train = time.time() - t
+    # E9 on the test split here, in the worker, rather than in the single-process eval stage:
+    # the two workers then share it. Stored with the policy; eval adds the win rate.
+    r = evaluate(policy, data.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
     # The policy appears under its final name only when complete: a kill here costs this one
     # (method, seed), and the rerun resumes with it.
     with atomic_dir(out) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
+        atomic_write_json(tmp / "test_eval.json", {"accuracy": r["accuracy"], "correct": r["correct"],
+                                                   "malformed_share": r["malformed_share"],
+                                                   "n": run.fed_test_size()})
         extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, grpo.NTSReward) else {}
         atomic_write_json(tmp / "grpo_log.json", dict(log, **extra, rm_calls=getattr(fn, "calls", None),
-                                                      seconds=round(time.time() - t, 1),
+                                                      seconds=round(t_train, 1),
                                                       config=vars(grpo_config(run))))
     w = min(10, len(log["reward"])) or 1
     return (f"grpo {method} seed {seed}: reward {sum(log['reward'][-w:]) / w:.3f}, "
@@ -712,11 +766,14 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             d = policy_dir(run, method, seed)
             cache = d / "eval.json"
             # cached evaluations are reused only for the same test set (--test-per-domain may differ)
+            done = d / "test_eval.json"  # written by the GRPO job on the same test set, if it was
             if cache.exists() and json.loads(cache.read_text()).get("n") == run.fed_test_size():
                 ev = json.loads(cache.read_text())
             else:
-                model, proc = data.load_vlm(d, device=run.device)
-                r = evaluate(model, data.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+                r = json.loads(done.read_text()) if done.exists() else {}
+                if r.get("n") != run.fed_test_size():
+                    model, proc = data.load_vlm(d, device=run.device)
+                    r = evaluate(model, data.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
                 ev = {"accuracy": r["accuracy"], "malformed_share": r["malformed_share"], "n": run.fed_test_size(),
                       "win_rate": {k: win_rate(r["correct"][k], ref_correct[k]) for k in fed.test}}
                 atomic_write_json(cache, ev)
@@ -854,7 +911,11 @@ def results_markdown(r: dict) -> str:
         out += ["", "| gate | value | threshold | |", "|---|---|---|---|"]
         out += [f"| {k} | {g['value']:.3f} | {g['threshold']} | {'PASS' if g['pass'] else 'FAIL'} |"
                 for k, g in r["gates"].items()]
-    out += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in r["wall_seconds"].items()), ""]
+    w = dict(r["wall_seconds"])
+    beside = w.pop("beside_reward", 0.0)
+    out += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in w.items())
+            + ("; base and sft ran beside the clients' RMs, inside reward's time" if beside else "")
+            + f". Run directory total: {sum(w.values()) - beside:.0f} s.", ""]
     return "\n".join(out)
 
 
@@ -886,7 +947,10 @@ def parse_args(argv=None):
                    help="caption pre-training steps of the tiny base (default 600, --quick 5; 0: none)")
     p.add_argument("--sft-steps", type=int, default=None, help="reference SFT steps (default 300, --quick 40)")
     p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains (also the pre-training batch)")
-    p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW learning rate of the SFT and of the pre-training")
+    p.add_argument("--sft-lr", type=float, default=3e-4,
+                   help="AdamW learning rate of the reference SFT (default %(default)s; 1e-3 collapsed shape "
+                        "onto 'rectangle' in one of two runs, see README)")
+    p.add_argument("--pretrain-lr", type=float, default=1e-3, help="AdamW learning rate of the caption pre-training")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
                    help="clients' VLM families: heterogeneous (LLaVA-OV / Qwen2.5-VL / Qwen2-VL), "
@@ -904,6 +968,9 @@ def parse_args(argv=None):
     p.add_argument("--rm-sft-steps", type=int, default=None, help="client SFT warm-up steps (default 300, --quick 20)")
     p.add_argument("--rm-steps", type=int, default=None, help="client Bradley-Terry steps (default 300, --quick 20)")
     p.add_argument("--rm-batch", type=int, default=32, help="pairs per BT step")
+    p.add_argument("--format-share", type=float, default=0.0,
+                   help="format-only pairs on public questions per own pair in each client's BT data "
+                        "(default %(default).2f; 0: none); see data.format_pairs")
     p.add_argument("--rm-lr", type=float, default=3e-4, help="AdamW learning rate of the BT phase")
     p.add_argument("--rounds", type=int, default=None, help="federated router rounds R (default 30, --quick 5)")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs E per client per round")
@@ -917,11 +984,14 @@ def parse_args(argv=None):
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
     p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
     p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2; --quick 0)")
-    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 100)")
+    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 80, --quick 3)")
     p.add_argument("--grpo-prompts", type=int, default=16, help="prompts N per GRPO step")
     p.add_argument("--group", type=int, default=8, help="samples G per prompt")
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="AdamW learning rate of GRPO")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight of GRPO")
+    p.add_argument("--no-format-guard", dest="format_guard", action="store_false",
+                   help="let malformed samples keep their reward (default: they rank last in their group, "
+                        "grpo.format_guard)")
     p.add_argument("--nts-lambda", type=float, default=1e-3, help="NTS prior precision lambda (E6)")
     p.add_argument("--nts-nu", type=float, default=1.0, help="NTS exploration scale nu (E6); 0: no exploration")
     p.add_argument("--nts-update-steps", type=int, default=10,
@@ -958,6 +1028,8 @@ def parse_args(argv=None):
         if name in seen:
             p.error(f"--client-model: client {name!r} given twice")
         seen.add(name)
+    if not 0 <= a.format_share <= 10:
+        p.error(f"--format-share {a.format_share}: must be in [0, 10]")
     if not 0 < a.client_fraction <= 1:
         p.error(f"--client-fraction {a.client_fraction}: must be in (0, 1]")
     if a.base:
@@ -981,13 +1053,26 @@ def main(argv=None) -> int:
     run = Run(a)
     # the flags of the latest invocation, for the record (stages already done keep their outputs)
     atomic_write_json(run.dir / "config.json", vars(a))
-    for name in a.stages.split(","):
-        if run.done(name) and not a.force:
+    names = a.stages.split(",")
+    pending = [n for n in names if a.force or not run.done(n)]
+    # The server's base and sft run beside the clients' RMs when all three are still to do
+    # (stage_reward); their own times are recorded, and "beside_reward" says how many of the
+    # reward stage's seconds they already account for (the run's wall time is the sum minus it).
+    beside = [n for n in ("base", "sft") if n in pending] if a.workers > 1 and "reward" in pending else []
+    for name in names:
+        if name not in pending:
             print(f"[{name}] done already ({run.output(name)}), skipped")
+            continue
+        if name in beside:
+            print(f"[{name}] runs beside the clients' reward models (stage reward)", flush=True)
             continue
         t = time.time()
         print(f"[{name}] ...", flush=True)
-        STAGES[name](run)
+        sub = STAGES[name](run, beside) if name == "reward" else STAGES[name](run)
+        for k, v in (sub or {}).items():
+            run.record_time(k, v)
+        if sub:
+            run.record_time("beside_reward", sum(sub.values()))
         # setting-specific stages (reward) are timed per setting: both can live in one run dir
         per_setting = "{setting}" in STAGE_OUTPUT[name] or (name == "eval" and a.setting != "heterogeneous")
         run.record_time(name + (f"-{a.setting}" if per_setting else ""), time.time() - t)

@@ -263,11 +263,13 @@ def warmup_examples(pairs: list[data.Pair]) -> list[data.Example]:
 
 
 def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, seed: int,
-                       desc: str = "reward") -> dict:
+                       desc: str = "reward", format_pairs: list[data.Pair] = ()) -> dict:
     """Phase 1 (cfg.sft_steps > 0): SFT of the backbone on the chosen responses. Phase 2: AdamW on
     the BT loss over image-grouped batches of the pairs (every pair of an image in the same
     batch, so the vision tower encodes each image once per step). Sets rm.mean/std at the end
     from the training pairs. Returns the log {sft_loss, loss, train_acc} per step.
+    `format_pairs` (data.format_pairs) join the BT batches only: the warm-up learns the client's
+    own answers, and the reward statistics describe the client's own pairs.
 
     tqdm shows the running BT loss and the running pair accuracy on the training batches."""
     log = {"sft_loss": [], "loss": [], "train_acc": []}
@@ -275,7 +277,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
         log["sft_loss"] = train_sft(rm.vlm, rm.encoder, warmup_examples(pairs), cfg.sft_steps, cfg.sft_batch,
                                     cfg.sft_lr, seed, desc=f"{desc} sft")
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
-    batches = data.image_batches(pairs, cfg.batch, seed)
+    batches = data.image_batches([*pairs, *format_pairs], cfg.batch, seed)
     rm.train()
     bar = tqdm(range(cfg.steps), desc=f"{desc} bt", dynamic_ncols=True, disable=None)
     for _ in bar:

@@ -120,6 +120,34 @@ def test_pairs_cover_what_a_sampler_emits(fed):
                for p, r in zip(pairs, rej))
 
 
+def test_format_pairs_differ_only_in_form(fed):
+    """Each format pair has a one-word answer of its question as the chosen side and the same
+    word made malformed as the rejected side; the chosen word does not depend on the image (no
+    preference between answers leaks in), and the client's own domain is skipped."""
+    pairs = data.format_pairs(fed.public, 400, seed=0, tag="color", skip_domains={"color"})
+    assert len(pairs) == 400 and len({(p.image, p.prompt) for p in pairs}) == 400  # distinct questions
+    ex = {(e.image, e.prompt): e for e in fed.public}
+    kinds, agree = set(), 0
+    for p in pairs:
+        e = ex[(p.image, p.prompt)]
+        assert e.domain != "color"
+        w = data.extract_answer(p.chosen)
+        assert p.chosen == w + data.EOS
+        assert w in ([e.answer, data.OPPOSITE[e.answer]] if e.domain == "position" else data.DOMAIN_ANSWERS[e.domain])
+        assert data.extract_answer(p.rejected) is None  # every rejected side is malformed
+        words = p.rejected.replace(data.EOS, "").split()
+        assert p.rejected == data.EOS or w in words
+        kinds.add((p.rejected.endswith(data.EOS), len(words)))
+        agree += w == e.answer
+    # no end token (1 or 3 words), two words with it, and empty: all forms occur
+    assert {(False, 1), (False, 3), (True, 2), (True, 0)} <= kinds
+    # the chosen word ignores the label: it matches it about as often as chance (1/2 to 1/3)
+    assert 0.3 < agree / len(pairs) < 0.55
+    # seeded per client: another client samples other questions, the same tag the same ones
+    assert data.format_pairs(fed.public, 400, seed=0, tag="color", skip_domains={"color"}) == pairs
+    assert data.format_pairs(fed.public, 400, seed=0, tag="shape", skip_domains={"color"}) != pairs
+
+
 def test_position_wrong_answers_are_the_other_candidate(fed):
     pairs = data.make_pairs(fed.clients["position"][:200], seed=0)
     wrong = [(p.chosen[:-len(data.EOS)], data.extract_answer(p.rejected)) for p in pairs

@@ -53,6 +53,10 @@ def test_client_holds_out_whole_images_and_reports_only_counts(fed):
     assert public == ["name"]  # everything else a client holds is private
     with pytest.raises(ValueError, match="no preference pairs"):
         Client("empty", [], seed=0)
+    # format pairs (public questions) only join the RM's BT batches: no n_k, no held-out pairs
+    fmt = data.format_pairs(fed.public, 50, seed=0, tag="shape")
+    c2 = Client("shape", pairs, seed=0, heldout=0.2, format_pairs=fmt)
+    assert c2.n == c.n and c2._heldout == c._heldout and c2._train == c._train and c2._format == fmt
 
 
 def test_fedavg_reward_model_is_the_weighted_mean_of_client_rms(tiny_dirs):

@@ -21,6 +21,18 @@ def test_group_advantages_match_hand_computation_and_are_zero_mean():
         grpo.group_advantages(torch.zeros(6), 4)
 
 
+def test_format_guard_ranks_malformed_samples_last_in_their_group():
+    # group 1: a malformed sample the RM liked best (5.0) drops to min(well-formed) - 1 = -1.5;
+    # group 2: nothing well-formed, rewards kept (A = 0 or not, E5 only compares inside a group);
+    # group 3: all well-formed, untouched
+    r = torch.tensor([0.5, 5.0, -0.5, 1.0, 3.0, 1.0, 2.0, 0.0, 0.1, 0.2, 0.3, 0.4])
+    ok = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    out = grpo.format_guard(r, ok, 4)
+    assert out.tolist() == pytest.approx([0.5, -1.5, -0.5, 1.0, 3.0, 1.0, 2.0, 0.0, 0.1, 0.2, 0.3, 0.4])
+    a = grpo.group_advantages(out, 4).view(3, 4)
+    assert a[0, 1] == a[0].min() and a[0, 1] < 0  # the hack now has the lowest advantage
+
+
 def test_kl_k3_is_zero_when_policies_agree_and_positive_otherwise():
     lp = torch.log(torch.tensor([0.2, 0.5, 0.9]))
     assert torch.allclose(grpo.kl_k3(lp, lp), torch.zeros(3))
@@ -110,7 +122,9 @@ def test_grpo_steps_raise_the_reward(policy, fed):
     def red(images, prompts, responses, e):
         return torch.tensor([float(r.startswith("red")) for r in responses])
 
-    cfg = grpo.GRPOConfig(steps=12, prompts=4, group=8, max_new_tokens=2, lr=3e-3, beta=0.0)
+    # format_guard off: this untrained model's samples are almost all malformed, and the test is
+    # about E5 raising an arbitrary reward, not about the form
+    cfg = grpo.GRPOConfig(steps=12, prompts=4, group=8, max_new_tokens=2, lr=3e-3, beta=0.0, format_guard=False)
     log = grpo.train_grpo(vlm, ref, enc, pool, red, cfg, seed=0)
     assert sum(log["reward"][-3:]) / 3 > sum(log["reward"][:3]) / 3 + 0.2, log["reward"]
     assert all(math.isfinite(x) for x in log["loss"] + log["kl"])

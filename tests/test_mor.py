@@ -127,6 +127,17 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
     for key in ("blind", "reference", "chance"):
         assert set(res[key]) == set(data.DOMAINS) and all(0 <= v <= 1 for v in res[key].values())
     assert "reference (SFT)" in (run / "results.md").read_text()
+    # each GRPO job evaluated its own policy (in its worker); eval took those figures as they were
+    pol = run / "policies" / "heterogeneous" / "mor" / "seed0"
+    te = json.loads((pol / "test_eval.json").read_text())
+    assert json.loads((pol / "eval.json").read_text())["accuracy"] == te["accuracy"] == {
+        d: sum(v) / len(v) for d, v in te["correct"].items()}
+    assert res["methods"]["mor"]["accuracy"]["color"]["mean"] == te["accuracy"]["color"]
+    # two workers: the server's base -> sft was one job of the reward stage's pool, timed inside it
+    w = json.loads((run / "wall_seconds.json").read_text())  # (the determinism test pops res's copy)
+    assert w["beside_reward"] == pytest.approx(w["base"] + w["sft"], abs=0.02)
+    assert w["reward-heterogeneous"] >= w["base"] + w["sft"]
+    assert "inside reward's time" in (run / "results.md").read_text()
     stamp = (run / "base" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     assert mor.main(args) == 0

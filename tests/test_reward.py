@@ -66,6 +66,24 @@ def test_tiny_rm_beats_chance_on_its_domain(rm, fed):
     assert rm.std > 0
 
 
+def test_format_pairs_teach_the_form_on_other_domains_prompts(tiny_dirs, fed):
+    """A colour client's RM scores shape and position prompts too when used alone. Trained on its
+    own pairs only, it has never seen those prompts; with format pairs on public questions in its
+    BT batches, it ranks a well-formed answer above its malformed variants there (held-out public
+    questions) clearly more often."""
+    own = data.make_pairs(fed.clients["color"][:300], seed=0)
+    other = [e for e in fed.public if e.domain != "color"]
+    fmt, held = data.format_pairs(other[:600], 300, seed=0), data.format_pairs(other[600:], 200, seed=1)
+    cfg = reward.RMConfig(sft_steps=0, steps=40, batch=32, lr=1e-3)
+    acc = {}
+    for name, extra in (("own only", []), ("with format pairs", fmt)):
+        torch.manual_seed(0)
+        rm = reward.RewardModel(*data.load_vlm(tiny_dirs["qwen2_vl"]))
+        reward.train_reward_model(rm, own, cfg, seed=0, format_pairs=extra)
+        acc[name] = reward.pair_accuracy(rm, held)
+    assert acc["with format pairs"] >= 0.9 and acc["with format pairs"] > acc["own only"] + 0.05, acc
+
+
 def test_save_load_bit_for_bit(rm, fed, tmp_path):
     rm.mean, rm.std, rm.info = 0.25, 2.0, {"family": "qwen2_vl"}
     rm.save(tmp_path / "rm")
