@@ -372,12 +372,10 @@ def format_pairs(examples: list[Example], n: int, seed: int, tag: str = "",
     the image shows: the pairs carry no preference between answers, only that a one-word answer
     that ends beats what is not one.
 
-    Why: a client's own pairs only show it its own domain's questions. Measured on the default
-    run, each client RM used alone was hacked on the other domains' prompts (29.8% and 29.9%
-    malformed samples for colour and shape; the colour RM's policy answered shape questions with
-    an empty response, the shape RM's answered position questions "blue rectangle rectangle"),
-    although its in-domain pairs reject exactly those forms. A client skips its own domain, which
-    its pairs cover.
+    Why: a client's own pairs only show it its own domain's questions, and a client RM used
+    alone was hacked on the other domains' prompts (figures in grpo.format_guard) although its
+    in-domain pairs reject exactly those forms. A client skips its own domain, which its pairs
+    cover.
 
     Off by default (mor.py --format-share 0), because it costs the RMs their content. Measured
     (data seed 0, heterogeneous, held-out in-domain pair accuracy colour / shape / position, and

@@ -217,7 +217,7 @@ class Run:
             # teach its RM what a malformed response is on prompts outside its domain
             # (data.format_pairs).
             fmt = data.format_pairs(self.fed.public, round(self.args.format_share * len(p)), self.args.seed, name,
-                                    skip_domains={q.domain for q in p})
+                                    skip_domains={q.domain for q in p}) if self.args.format_share else None
             return federated.Client(name, p, self.args.seed, format_pairs=fmt)
 
         return {name: client(name, exs) for name, exs in self.fed.clients.items()}
@@ -346,16 +346,15 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
 
 def in_workers(fn, jobs: list, workers: int) -> list:
     """Run fn(job) for every job in `workers` spawned processes, in the order given (a long job
-    first keeps the pool busy), and print each returned line as it finishes; fn returns a line
-    or (line, extra), and the extras come back in order of completion. spawn: a fresh
+    first keeps the pool busy); fn returns (line, extra): each line is printed as its job
+    finishes, and the extras come back in order of completion. spawn: a fresh
     interpreter per worker (no forked torch thread pool); each job rebuilds its Run from the
     args it carries, so its work is a pure function of the job."""
     import multiprocessing as mp
 
     extras = []
     with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        for out in pool.imap_unordered(fn, jobs):
-            line, extra = out if isinstance(out, tuple) else (out, None)
+        for line, extra in pool.imap_unordered(fn, jobs):
             tqdm.write(line)
             extras.append(extra)
         pool.close()  # let the workers exit cleanly (the with-block alone would terminate them)
@@ -573,12 +572,12 @@ _WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded
 JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor": 1.2, "mor_nts": 1.2, "mor_nts_batch": 1.2}
 
 
-def _grpo_worker(job) -> str:
+def _grpo_worker(job) -> tuple[str, None]:
     """One (method, seed) job in a worker process: one torch thread, its own Run. A worker
     lives for the whole stage, so the RMs it loaded serve all of its jobs."""
     args, method, seed = job
     torch.set_num_threads(1)
-    return grpo_job(Run(args), method, seed, _WORKER_CACHE)
+    return grpo_job(Run(args), method, seed, _WORKER_CACHE), None
 
 
 def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
