@@ -146,8 +146,9 @@ SETTINGS = {
 # RM carries no signal, yet it holds the most pairs. Avg RM gives it 1/K of every reward and
 # Weighted RM the largest share (n_k measures quantity, not quality). MoR's router could learn
 # from the other clients' data that its RM predicts nobody's preferences; measured (README), the
-# weak client's signal-free routing loss, weighted by its large n_k in FedAvg, pulls the router
-# towards uniform instead, and MoR loses 5.5 points where Avg RM loses none.
+# weak client's routing loss on its random labels is lowest where the mixed margin is smallest,
+# i.e. on its own RM's (mean |margin| 0.26 vs 0.53-0.88), and its large n_k in FedAvg carries
+# that pull to every domain: MoR loses 2.6 points, Avg RM 0.4.
 SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
 WEAK_CLIENT, WEAK_FLIP = "noisy", 0.5
 BUCKET_METHODS = "mor,avg_rm,weighted_rm"  # --full: the comparison the bucket effect is about
@@ -707,7 +708,7 @@ def plots(run: Run) -> None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         # Rewards of different methods live on different scales (0/1 oracle vs standardised RM
         # mixtures): compare their trends, not their levels; accuracy is comparable across methods.
-        for method in methods(run):
+        for method in trained_methods(run):
             logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds
                     if (policy_dir(run, method, s) / "grpo_log.json").exists()]
             for ax, key in zip(axes, ("reward", "accuracy")):
@@ -754,12 +755,29 @@ def _moving_max(xs: list[float], w: int = 10) -> float:
     return max(sum(xs[i:i + w]) / len(xs[i:i + w]) for i in range(max(1, len(xs) - w + 1)))
 
 
+def trained_methods(run: Run) -> list[str]:
+    """The methods eval reports: --methods when given, else those the grpo stage trained
+    (grpo-<setting>.json), so `--stages eval --force` alone after --full's bucket run evaluates
+    its three methods. A policy that is not there is a one-line error, not a loader traceback."""
+    ms = methods(run)
+    if not run.args.methods:
+        trained = json.loads(run.output("grpo").read_text())
+        ms = [m for m in ms if m in trained]
+    for m in ms:
+        for s in run.args.seeds:
+            d = policy_dir(run, m, s)
+            if not (d / "grpo_log.json").exists():
+                raise SystemExit(f"eval: {d} holds no GRPO policy; run --stages grpo with --methods {m} "
+                                 f"--seeds {s} (or name in --methods only the methods trained)")
+    return ms
+
+
 def evaluate_methods(run: Run, ref_correct: dict) -> dict:
     """E9 for every aligned policy: greedy test accuracy and win rate vs the reference per domain,
     as mean and std over the GRPO seeds; plus the training-time malformed share (gate 5) and
     the final KL. A policy's evaluation is cached in its directory (eval.json)."""
     fed, out = run.fed, {}
-    for method in methods(run):
+    for method in trained_methods(run):
         per_seed = []  # one dict per GRPO seed: test accuracy, win rate, malformed share, KL
         for seed in run.args.seeds:
             d = policy_dir(run, method, seed)

@@ -154,6 +154,20 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
     assert (run / "clients" / "position" / "reward-qwen2_vl" / "head.safetensors").exists()
 
 
+
+def test_eval_alone_reports_the_trained_methods_and_names_a_missing_policy(tiny_run, capsys):
+    """`--stages eval --force` without --methods evaluates what the grpo stage trained (the bucket
+    setting trains three of E8's methods); a --methods entry with no policy is a one-line error."""
+    run, res = tiny_run
+    i = TINY_RUN.index("--methods")
+    args = TINY_RUN[:i] + TINY_RUN[i + 2:] + ["--run-dir", str(run), "--stages", "eval", "--force"]
+    assert mor.main(args) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert set(again["methods"]) == set(res["methods"]) == {"oracle", "mor", "mor_nts", "rm_color"}
+    assert again["methods"]["mor"] == res["methods"]["mor"]
+    with pytest.raises(SystemExit, match=r"avg_rm[/\\]seed0 holds no GRPO policy"):
+        mor.main(args + ["--methods", "oracle,avg_rm"])
+
 def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
     runs = []
     for _ in range(2):
