@@ -709,8 +709,8 @@ def plots(run: Run) -> None:
         # Rewards of different methods live on different scales (0/1 oracle vs standardised RM
         # mixtures): compare their trends, not their levels; accuracy is comparable across methods.
         for method in trained_methods(run):
-            logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds
-                    if (policy_dir(run, method, s) / "grpo_log.json").exists()]
+            # trained_methods has checked that every seed's log is there
+            logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds]
             for ax, key in zip(axes, ("reward", "accuracy")):
                 if logs and logs[0][key]:
                     n = min(len(lg[key]) for lg in logs)

@@ -154,8 +154,7 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
     assert (run / "clients" / "position" / "reward-qwen2_vl" / "head.safetensors").exists()
 
 
-
-def test_eval_alone_reports_the_trained_methods_and_names_a_missing_policy(tiny_run, capsys):
+def test_eval_alone_reports_the_trained_methods_and_names_a_missing_policy(tiny_run):
     """`--stages eval --force` without --methods evaluates what the grpo stage trained (the bucket
     setting trains three of E8's methods); a --methods entry with no policy is a one-line error."""
     run, res = tiny_run
@@ -167,6 +166,7 @@ def test_eval_alone_reports_the_trained_methods_and_names_a_missing_policy(tiny_
     assert again["methods"]["mor"] == res["methods"]["mor"]
     with pytest.raises(SystemExit, match=r"avg_rm[/\\]seed0 holds no GRPO policy"):
         mor.main(args + ["--methods", "oracle,avg_rm"])
+
 
 def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
     runs = []
