@@ -128,6 +128,7 @@ class PhaseTimer:
 
 def bench_ours(args) -> dict:
     import data
+    import models
     import grpo
 
     # The federation as runs/default was built (data seed 0, default split sizes): the pool's
@@ -135,8 +136,8 @@ def bench_ours(args) -> dict:
     t = time.perf_counter()
     fed = data.build_federation(args.data_seed)
     gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
-    policy, proc = data.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")
-    ref, _ = data.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")  # frozen pi_ref
+    policy, proc = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")
+    ref, _ = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")  # frozen pi_ref
     setup_s = time.perf_counter() - t
     cfg = grpo.GRPOConfig(steps=args.warmup + args.steps, **SETTINGS)
 
@@ -144,12 +145,12 @@ def bench_ours(args) -> dict:
     #   rollout   Encoder (image load + processor) + policy.generate + decode
     #   ref_fwd   vision tower on the 16 images + reference forward (log-probs, hidden states)
     #   pol_fwd   vision tower + policy forward with grad (log-probs); the loss itself is in other
-    #   bwd_opt   data.guarded_step: zero_grad, backward, grad clip, AdamW step
+    #   bwd_opt   models.guarded_step: zero_grad, backward, grad clip, AdamW step
     #   other     the rest of the loop body (response batch, reward, advantages, loss, logging)
     ph = PhaseTimer()
-    enc = data.Encoder(proc)
+    enc = models.Encoder(proc)
 
-    class TimedEncoder(data.Encoder):  # __call__ is looked up on the type: subclass, not patch
+    class TimedEncoder(models.Encoder):  # __call__ is looked up on the type: subclass, not patch
         def __call__(self, *a, **k):
             return ph.wrap(super().__call__, lambda *_, **__: "rollout")(*a, **k)
 
@@ -158,10 +159,10 @@ def bench_ours(args) -> dict:
 
     enc.__class__ = TimedEncoder
     which = lambda vlm, *_, **__: "ref_fwd" if vlm is ref else "pol_fwd"  # noqa: E731
-    saved = (grpo.token_logprobs, data.image_features, data.guarded_step)
+    saved = (grpo.token_logprobs, models.image_features, models.guarded_step)
     grpo.token_logprobs = ph.wrap(saved[0], which)
-    data.image_features = ph.wrap(saved[1], which)
-    data.guarded_step = ph.wrap(saved[2], lambda *_, **__: "bwd_opt")
+    models.image_features = ph.wrap(saved[1], which)
+    models.guarded_step = ph.wrap(saved[2], lambda *_, **__: "bwd_opt")
     policy.generate = ph.wrap(policy.generate, lambda *_, **__: "rollout")  # instance attr shadows the method
 
     ticks, phases = [], []
@@ -177,7 +178,7 @@ def bench_ours(args) -> dict:
                               on_step=on_step, desc="bench grpo")
         total = time.perf_counter() - t0
     finally:
-        grpo.token_logprobs, data.image_features, data.guarded_step = saved
+        grpo.token_logprobs, models.image_features, models.guarded_step = saved
         del policy.generate
     la1 = loadavg()
     # step i's wall time = tick_i - tick_{i-1}; step 1's is from just before train_grpo

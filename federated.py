@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import models
 import reward
 import router as routing
 
@@ -112,7 +113,7 @@ class Client:
         """Load the client's own VLM from `init_dir`, train its RM on the training pairs (E1),
         write the upload to `out_dir` and return its metrics (only numbers)."""
         t = time.time()
-        vlm, proc = data.load_vlm(init_dir, device=device)
+        vlm, proc = models.load_vlm(init_dir, device=device)
         torch.manual_seed(self._seed)  # the head's init
         rm = reward.RewardModel(vlm, proc)
         log = reward.train_reward_model(rm, self._train, cfg, self._seed, desc=f"reward {self.name}",
@@ -142,7 +143,7 @@ class Client:
 
     # -- routing (E4): precomputed once, then every round is a few small tensor ops ------------
 
-    def prepare_routing(self, ref_vlm, ref_encoder: data.Encoder, rms: list[reward.RewardModel],
+    def prepare_routing(self, ref_vlm, ref_encoder: models.Encoder, rms: list[reward.RewardModel],
                         max_train_pairs: int | None = None) -> None:
         """Compute, once, what a router round needs and what never changes while it trains: the
         routing features e(x, y_w), e(x, y_l) [N, D] from the public reference model (E2) and
@@ -191,7 +192,7 @@ class Client:
                 loss = routing.routing_loss(model, e_w[idx], e_l[idx], r_w[idx], r_l[idx])
                 # a NaN/inf batch (e.g. an RM that returned inf) is skipped and logged here, where it
                 # arises, instead of poisoning the AdamW moments and then the whole federation
-                if data.guarded_step(opt, loss, model.parameters(), f"router client {self.name}", max_norm=None):
+                if models.guarded_step(opt, loss, model.parameters(), f"router client {self.name}", max_norm=None):
                     losses.append(loss.item())
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, self.n, sum(losses) / max(len(losses), 1)
 

@@ -82,7 +82,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-import data
+import safe_io
 import federated
 import router as routing
 
@@ -93,9 +93,9 @@ ROUTING_KEYS = ("e_w", "e_l", "r_w", "r_l")  # Client._routing[part] order: feat
 LOG_PREFIX = "[mor-flower]"  # ServerApp lines the launcher shows on the console (the rest goes to logs/)
 # The modules a site needs to run the ClientApp; they travel inside the Flower App Bundle (FAB), so
 # a SuperNode needs only the packages of requirements.txt + requirements-flower.txt, not this repo.
-APP_MODULES = ("flower_fed.py", "federated.py", "router.py", "reward.py", "data.py")
+APP_MODULES = ("flower_fed.py", "federated.py", "router.py", "reward.py", "data.py", "models.py", "safe_io.py")
 
-# Crash-safe writes: data.atomic_save_file / data.atomic_write_json, as mor.py writes (data.py ships
+# Crash-safe writes: safe_io.atomic_save_file / safe_io.atomic_write_json, as mor.py writes (safe_io.py ships
 # with the app, so the ServerApp needs no copy of them).
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def save_routing_cache(path: str | Path, name: str, n_k: int, train: tuple, held
         tensors.update({f"{part}.{k}": t for k, t in zip(ROUTING_KEYS, tup)})
     meta = {"format": CACHE_FORMAT, "client": name}
     _check_cache(path, meta, tensors)
-    data.atomic_save_file(path, tensors, meta)
+    safe_io.atomic_save_file(path, tensors, meta)
 
 
 def write_routing_cache(client: federated.Client, path: str | Path) -> None:
@@ -603,7 +603,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
                 progress.close()
         summary["seconds"]["rounds"] = round(time.monotonic() - t_rounds, 2)
         # the final phi, as mor.py saves router-<setting>.safetensors (atomic; token: which run wrote it)
-        data.atomic_save_file(cfg.out_path, state, {"format": "mor-router", "rounds": cfg.rounds, "token": cfg.token})
+        safe_io.atomic_save_file(cfg.out_path, state, {"format": "mor-router", "rounds": cfg.rounds, "token": cfg.token})
         if cfg.evaluate:
             t = time.monotonic()
             summary["evaluate"], summary["evaluate_dropped"] = _evaluate(grid, cfg, node_of, state)
@@ -617,7 +617,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     finally:
         summary["seconds"]["total"] = round(time.monotonic() - t_all, 2)
         if cfg.summary_path:
-            data.atomic_write_json(cfg.summary_path, summary)
+            safe_io.atomic_write_json(cfg.summary_path, summary)
 
 
 def _evaluate(grid: Grid, cfg: FedConfig, node_of: dict, state: dict) -> tuple[dict, dict]:
@@ -674,7 +674,7 @@ def write_manifest(out_dir: str | Path, caches: dict[str, str | Path], init_stat
     dims = {(c.dim, c.num_rms) for c in clients.values()}
     if len(dims) != 1:
         raise ValueError(f"manifest: the caches disagree on (D, K): {sorted(dims)}")
-    data.atomic_save_file(out_dir / "router-init.safetensors", init_state, {"format": "mor-router", "rounds": 0})
+    safe_io.atomic_save_file(out_dir / "router-init.safetensors", init_state, {"format": "mor-router", "rounds": 0})
     defaults = FedConfig()
     dim, num_rms = dims.pop()
     man = {"format": MANIFEST_FORMAT, "clients": list(caches),
@@ -682,7 +682,7 @@ def write_manifest(out_dir: str | Path, caches: dict[str, str | Path], init_stat
            "init": "router-init.safetensors", "dim": dim, "num_rms": num_rms,
            "config": {k: config.get(k, getattr(defaults, k)) for k in CONFIG_KEYS},
            **{k: config[k] for k in ("setting", "run_dir", "prepare_seconds") if k in config}}
-    data.atomic_write_json(out_dir / "manifest.json", man)
+    safe_io.atomic_write_json(out_dir / "manifest.json", man)
     return out_dir / "manifest.json"
 
 
@@ -1058,7 +1058,7 @@ def launch(manifest: str | Path, out_dir: str | Path | None = None, overrides: d
     # submitted; teardown: from the end of the run until every process is gone
     summary["seconds"].update(launch_wall=round(wall, 2), processes_up=round(t_submit - t0, 2),
                               teardown=round(time.perf_counter() - t_done, 2))
-    data.atomic_write_json(path, summary)
+    safe_io.atomic_write_json(path, summary)
     return summary
 
 
@@ -1106,7 +1106,7 @@ def prepare(run_dir: str | Path, setting: str = "heterogeneous", mor_argv: list[
     stage_router builds it (set_seed, make_router, feature stats pooled from the clients'
     moments). Writes run_dir/flower/<setting>/{clients/<name>.safetensors, router-init.safetensors,
     manifest.json}; nothing else of run_dir is touched. `mor_argv`: extra mor.py flags (sizes)."""
-    import data
+    import models
     import mor
     import reward
     a = mor.parse_args(["--run-dir", str(run_dir), "--setting", setting, *(mor_argv or [])])
@@ -1121,10 +1121,10 @@ def prepare(run_dir: str | Path, setting: str = "heterogeneous", mor_argv: list[
     clients = run.clients()
     names = list(clients)
     # What every client downloads: the public reference (features, E2) and the K RM uploads (E3).
-    ref, proc = data.load_vlm(run.dir / "base", device=run.device)
+    ref, proc = models.load_vlm(run.dir / "base", device=run.device)
     rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in names]
     for c in tqdm(clients.values(), desc="prepare: clients precompute features and RM scores", disable=None):
-        c.prepare_routing(ref, data.Encoder(proc), rms, a.router_pairs)
+        c.prepare_routing(ref, models.Encoder(proc), rms, a.router_pairs)
         write_routing_cache(c, out / "clients" / f"{c.name}.safetensors")  # on the client's disk
     del ref, rms
     # The server's initial router, as stage_router makes it: seeded init, then input standardisation
@@ -1152,7 +1152,7 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
     c = summary["config"]
     flower_state = routing.load_state(c["out-path"], routing.Router(c["dim"], c["num-rms"], c["hidden"], c["route-on"]))
     state, log, seconds, acc = run_in_process(manifest, overrides)
-    data.atomic_save_file(out_dir / "router-inprocess.safetensors", state, {"format": "mor-router"})
+    safe_io.atomic_save_file(out_dir / "router-inprocess.safetensors", state, {"format": "mor-router"})
     f_losses = [f"{e['loss']:.4f}" for e in summary["rounds"]]
     i_losses = [f"{e['loss']:.4f}" for e in log]
     res = {"max_abs_weight_diff": max_abs_diff(flower_state, state),
@@ -1170,7 +1170,7 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
         if pipe.is_file():
             res["max_abs_weight_diff_vs_pipeline_router"] = max_abs_diff(flower_state, load_file(str(pipe)))
             res["pipeline_router"] = str(pipe)
-    data.atomic_write_json(out_dir / "compare.json", res)
+    safe_io.atomic_write_json(out_dir / "compare.json", res)
     return res
 
 

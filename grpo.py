@@ -20,7 +20,7 @@ What makes a step cheap on CPU (measured in README):
   * one `generate` call per step for all N x G samples; transformers pre-encodes each image once
     and expands it G times;
   * the policy and reference forwards over the N x G sampled rows run the vision tower on the N
-    distinct images only (features shared across the group, `data.image_features`);
+    distinct images only (features shared across the group, `models.image_features`);
   * the routing features e(x, o) are pooled from the reference forward that the KL needs anyway.
 """
 
@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import models
 import nts
 import router
 
@@ -132,7 +133,7 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     that produced the samples is the renormalised one without them: score with the same mask.
     Targets at padded positions are replaced by a legal id before the gather (their -inf
     log-prob would turn 0 * -inf into NaN in the masked mean)."""
-    b = data.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
+    b = models.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
     out = vlm(**b, output_hidden_states=hidden)
     logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
     logits[..., banned_ids] = float("-inf")
@@ -297,7 +298,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
     for p in ref.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    batches = data.balanced_batches(pool, cfg.prompts, seed)
+    batches = models.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
     log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
     log["skipped"] = []  # steps whose batch was dropped: non-finite rewards, loss or gradient
@@ -320,7 +321,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         rows = list(range(len(exs)))
         # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
         with torch.no_grad():
-            feats = data.image_features(ref, pb, rows)
+            feats = models.image_features(ref, pb, rows)
             ref_logp, h = token_logprobs(ref, rb, _expand(feats, G), encoder.banned_ids, hidden=True)
             e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
@@ -343,18 +344,18 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         old_logp = None
         if cfg.mu > 1:
             with torch.no_grad():
-                old_logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G),
+                old_logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G),
                                           encoder.banned_ids)
         for _ in range(cfg.mu):
-            logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G), encoder.banned_ids)
+            logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G), encoder.banned_ids)
             old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
-            if not data.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
+            if not models.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
                 log["skipped"].append(step)
         # -- 4b. E7: each prompt's objective gain over this step, for a bandit router -----------
         if hasattr(reward_fn, "feedback"):
             with torch.no_grad():
-                new_logp = token_logprobs(policy, rb, _expand(data.image_features(policy, pb, rows), G),
+                new_logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G),
                                           encoder.banned_ids)
                 before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
                 after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)

@@ -33,6 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import models
+import safe_io
 import federated
 import grpo
 import nts
@@ -42,7 +44,7 @@ from reward import sft_loss, train_sft  # noqa: F401  (the reference SFT; re-exp
 
 # Crash-safe outputs (data.py section 8): temp file beside the target, then a rename. Re-exported
 # here because every stage writes through them.
-from data import atomic_dir, atomic_save_file, atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402,F401
+from safe_io import atomic_dir, atomic_save_file, atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402,F401
 
 
 def set_seed(seed: int) -> None:
@@ -57,7 +59,7 @@ def set_seed(seed: int) -> None:
 
 
 @torch.no_grad()
-def generate(model, encoder: data.Encoder, images, prompts, max_new_tokens: int = 4, greedy: bool = True,
+def generate(model, encoder: models.Encoder, images, prompts, max_new_tokens: int = 4, greedy: bool = True,
              num_return_sequences: int = 1, share_images: bool = False) -> list[str]:
     """One `generate` call for the whole batch; vision placeholders and pad suppressed.
     share_images: run the vision tower once per distinct image of the batch and hand generate
@@ -84,7 +86,7 @@ def judge(response: str, gold: str) -> bool:
     return data.extract_answer(response) == gold.lower()
 
 
-def evaluate(model, encoder: data.Encoder, test: dict[str, list[data.Example]], batch_size: int = 256,
+def evaluate(model, encoder: models.Encoder, test: dict[str, list[data.Example]], batch_size: int = 256,
              desc: str = "eval") -> dict:
     """Greedy answers per domain -> {'accuracy': {domain: acc}, 'correct': {domain: [0/1 ...]},
     'malformed_share': float}. The per-question 0/1 vectors feed the win rate (E9)."""
@@ -206,7 +208,7 @@ class Run:
         clients (and identical held-out splits) instead of storing private data on the server."""
         def pairs(name, exs):
             if name in self.user_data:  # validated row by row: errors name file:line:field
-                rows = data.load_jsonl(self.user_data[name], "pairs")
+                rows = safe_io.load_jsonl(self.user_data[name], "pairs")
                 return [data.Pair(r["image"], r["prompt"], r["chosen"], r["rejected"], name) for r in rows]
             p = data.make_pairs(exs, self.args.seed)
             return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == WEAK_CLIENT else p
@@ -241,7 +243,7 @@ class Run:
         out = self.dir / "models" / fam
         if not out.exists():
             with atomic_dir(out) as tmp:
-                data.build_tiny(fam, tmp, seed=self.args.seed)
+                models.build_tiny(fam, tmp, seed=self.args.seed)
         return out
 
     def rm_config(self) -> reward.RMConfig:
@@ -261,11 +263,11 @@ def stage_base(run: Run) -> None:
     a = run.args
     set_seed(a.seed)
     with atomic_dir(run.dir / "base_init") as tmp:
-        data.build_tiny("qwen2_vl", tmp, seed=a.seed)
+        models.build_tiny("qwen2_vl", tmp, seed=a.seed)
         if a.pretrain_steps:
-            model, proc = data.load_vlm(tmp, device=run.device)
+            model, proc = models.load_vlm(tmp, device=run.device)
             examples = data.pretrain_examples(PRETRAIN_IMAGES, a.seed)
-            losses = train_sft(model, data.Encoder(proc), examples, a.pretrain_steps, a.sft_batch, a.pretrain_lr,
+            losses = train_sft(model, models.Encoder(proc), examples, a.pretrain_steps, a.sft_batch, a.pretrain_lr,
                                a.seed, desc="pretrain")
             model.save_pretrained(tmp, safe_serialization=True)
             atomic_write_json(tmp / "pretrain_log.json", {"loss": losses, "steps": a.pretrain_steps,
@@ -282,8 +284,8 @@ def stage_sft(run: Run) -> None:
     a = run.args
     set_seed(a.seed)
     # The same loader as for a real checkpoint: --base DIR swaps the tiny model for a real one.
-    model, proc = data.load_vlm(base_init_dir(run), device=run.device)
-    enc = data.Encoder(proc)
+    model, proc = models.load_vlm(base_init_dir(run), device=run.device)
+    enc = models.Encoder(proc)
     # Public split only: the server never sees a client's questions (those stay in clients/).
     losses = train_sft(model, enc, run.fed.public, a.sft_steps, a.sft_batch, a.sft_lr, a.seed)
     with atomic_dir(run.dir / "base") as tmp:
@@ -451,11 +453,11 @@ def stage_router(run: Run) -> None:
     clients = run.clients()
     names = list(clients)
     # What every client downloads: the public reference (features, E2) and the K RM uploads.
-    ref, proc = data.load_vlm(run.dir / "base", device=run.device)
+    ref, proc = models.load_vlm(run.dir / "base", device=run.device)
     rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in names]
     t = time.time()
     for c in tqdm(clients.values(), desc="router: clients precompute features and RM scores", disable=None):
-        c.prepare_routing(ref, data.Encoder(proc), rms, a.router_pairs)  # once: rounds then cost ms
+        c.prepare_routing(ref, models.Encoder(proc), rms, a.router_pairs)  # once: rounds then cost ms
     prep = time.time() - t
     del ref, rms
     set_seed(a.seed)
@@ -608,15 +610,15 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     # Every method starts from the same reference weights; only the reward differs. The seed
     # drives the prompt order and the sampling, so seeds measure RL noise.
     set_seed(seed)
-    policy, proc = data.load_vlm(run.dir / "base", device=run.device)
-    ref, _ = data.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
+    policy, proc = models.load_vlm(run.dir / "base", device=run.device)
+    ref, _ = models.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
     t = time.time()
-    log = grpo.train_grpo(policy, ref, data.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
+    log = grpo.train_grpo(policy, ref, models.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
                           desc=f"grpo {method} s{seed}")
     t_train = time.time() - t
     # E9 on the test split here, in the worker, rather than in the single-process eval stage:
     # the two workers then share it. Stored with the policy; eval adds the win rate.
-    r = evaluate(policy, data.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+    r = evaluate(policy, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
     # The policy appears under its final name only when complete: a kill here costs this one
     # (method, seed), and the rerun resumes with it.
     with atomic_dir(out) as tmp:
@@ -652,8 +654,8 @@ def nts_summary(fn, fed) -> dict:
 
 def stage_eval(run: Run) -> None:
     fed = run.fed
-    model, proc = data.load_vlm(run.dir / "base", device=run.device)
-    ref = evaluate(model, data.Encoder(proc), fed.test, desc="eval reference")
+    model, proc = models.load_vlm(run.dir / "base", device=run.device)
+    ref = evaluate(model, models.Encoder(proc), fed.test, desc="eval reference")
     # Gate 1 of the benchmark: a question-only guesser fitted on the public split must sit at
     # chance, else the table would measure the text shortcut rather than vision (DESIGN 4).
     blind = data.blind_baseline(fed.public, fed.test)
@@ -789,8 +791,8 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             else:
                 r = json.loads(done.read_text()) if done.exists() else {}
                 if r.get("n") != run.fed_test_size():
-                    model, proc = data.load_vlm(d, device=run.device)
-                    r = evaluate(model, data.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+                    model, proc = models.load_vlm(d, device=run.device)
+                    r = evaluate(model, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
                 ev = {"accuracy": r["accuracy"], "malformed_share": r["malformed_share"], "n": run.fed_test_size(),
                       "win_rate": {k: win_rate(r["correct"][k], ref_correct[k]) for k in fed.test}}
                 atomic_write_json(cache, ev)

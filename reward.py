@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
+import models
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -61,12 +62,12 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def train_sft(model, encoder: data.Encoder, examples: list[data.Example], steps: int, batch_size: int,
+def train_sft(model, encoder: models.Encoder, examples: list[data.Example], steps: int, batch_size: int,
               lr: float, seed: int, desc: str = "sft") -> list[float]:
     """AdamW on domain-balanced batches of `examples`; returns the loss per step."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    batches = data.balanced_batches(examples, batch_size, seed)
+    batches = models.balanced_batches(examples, batch_size, seed)
     losses = []
     model.train()
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=None)
@@ -77,7 +78,7 @@ def train_sft(model, encoder: data.Encoder, examples: list[data.Example], steps:
         batch = encoder.encode_shared(model, [e.image for e in b], [e.prompt for e in b],
                                       [e.answer + data.EOS for e in b], device)
         loss = sft_loss(model, batch)
-        if not data.guarded_step(opt, loss, model.parameters(), desc):
+        if not models.guarded_step(opt, loss, model.parameters(), desc):
             continue
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
@@ -100,7 +101,7 @@ class RewardModel(nn.Module):
         # be wasted work, and at a real vocabulary (152k) the largest tensor of the forward.
         self.vlm = vlm
         self.processor = processor
-        self.encoder = data.Encoder(processor)
+        self.encoder = models.Encoder(processor)
         hidden = vlm.config.get_text_config().hidden_size
         # w: [1, H], b: [1]; small init so the first BT gradients come from the backbone's
         # features rather than from a large random head.
@@ -183,7 +184,7 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{path}/reward.json: field '{key}' must be a finite number, got {v!r}")
         if info["std"] <= 0:
             raise ValueError(f"{path}/reward.json: field 'std' must be positive, got {info['std']}")
-        vlm, proc = data.load_vlm(path / "backbone", dtype=dtype, device=device)
+        vlm, proc = models.load_vlm(path / "backbone", dtype=dtype, device=device)
         rm = cls(vlm, proc, info.pop("mean"), info.pop("std"), info)
         try:
             head = load_file(str(path / "head.safetensors"))
@@ -277,7 +278,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
         log["sft_loss"] = train_sft(rm.vlm, rm.encoder, warmup_examples(pairs), cfg.sft_steps, cfg.sft_batch,
                                     cfg.sft_lr, seed, desc=f"{desc} sft")
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
-    batches = data.image_batches([*pairs, *format_pairs], cfg.batch, seed)
+    batches = models.image_batches([*pairs, *format_pairs], cfg.batch, seed)
     rm.train()
     bar = tqdm(range(cfg.steps), desc=f"{desc} bt", dynamic_ncols=True, disable=None)
     for _ in bar:
@@ -288,7 +289,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
         else:
             rc, rr = rm.pair_rewards(b)  # [B], [B] from one [2B, T] forward
             loss = bradley_terry_loss(rc, rr)  # E1
-        if not data.guarded_step(opt, loss, rm.parameters(), desc):
+        if not models.guarded_step(opt, loss, rm.parameters(), desc):
             continue
         log["loss"].append(loss.item())
         log["train_acc"].append((rc > rr).float().mean().item())

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+import models
 
 # ----------------------------------------------------------------------------------------------
 # E2: routing features
@@ -39,7 +39,7 @@ def pool_features(h: torch.Tensor, attention_mask: torch.Tensor, response_mask: 
 
 
 @torch.no_grad()
-def features(ref_vlm, encoder: data.Encoder, images: list, prompts: list[str], responses: list[str],
+def features(ref_vlm, encoder: models.Encoder, images: list, prompts: list[str], responses: list[str],
              batch_size: int = 256) -> torch.Tensor:
     """e(x, y) [B, 2H] from the frozen reference VLM, batched, each distinct image encoded once
     per batch (sort inputs by image for the best sharing)."""

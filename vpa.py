@@ -64,6 +64,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
+import models
 import federated
 import router as routing
 
@@ -515,7 +516,7 @@ class VPARewardModel(nn.Module):
         self.vpa = vpa
         self.register_buffer("q", q.detach().float() / q.sum())
         self.ref_vlm, self.processor = ref_vlm, processor
-        self.encoder = data.Encoder(processor) if processor is not None else None
+        self.encoder = models.Encoder(processor) if processor is not None else None
         self.mean, self.std = float(mean), float(std)
         self.info = dict(info or {})
 
@@ -661,8 +662,8 @@ def feature_table(triples: list[tuple[str, str, str]], ref_dir: Path, cache: Pat
     todo = sorted({t for t in triples if t not in table})  # image-sorted: each image encoded once a batch
     if todo:
         torch.manual_seed(0)
-        vlm, proc = data.load_vlm(ref_dir)
-        enc = data.Encoder(proc)
+        vlm, proc = models.load_vlm(ref_dir)
+        enc = models.Encoder(proc)
         t0 = time.time()
         e_new = torch.cat([routing.features(vlm, enc, [t[0] for t in todo[i:i + 1024]], [t[1] for t in todo[i:i + 1024]],
                                             [t[2] for t in todo[i:i + 1024]])

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("MOR_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 import data  # noqa: E402
+import models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,4 +24,4 @@ def fed():
 def tiny_dirs(tmp_path_factory):
     """One tiny checkpoint directory per model family, built once per test session."""
     root = tmp_path_factory.mktemp("tiny")
-    return {f: data.build_tiny(f, root / f, seed=0) for f in data.FAMILIES}
+    return {f: models.build_tiny(f, root / f, seed=0) for f in models.FAMILIES}

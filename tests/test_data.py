@@ -8,6 +8,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import models
+import safe_io
 
 
 def test_splits_disjoint_by_image_and_deterministic(fed):
@@ -69,7 +71,7 @@ def test_synthetic_captions_describe_the_drawn_image():
     exs = data.pretrain_examples(5, seed=0)
     assert [e.answer for e in exs] == [e.answer for e in data.pretrain_examples(5, seed=0)]
     assert {e.domain for e in exs} == {"caption"} and all(e.prompt == data.PRETRAIN_PROMPT for e in exs)
-    tok = data.build_tokenizer()
+    tok = models.build_tokenizer()
     assert tok.unk_token_id not in tok(data.PRETRAIN_PROMPT + " " + exs[0].answer)["input_ids"]
 
 
@@ -164,12 +166,12 @@ def test_extract_answer():
 
 
 def test_tokenizer_and_encoder_round_trip(tiny_dirs, fed):
-    model, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+    model, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
     tok = proc.tokenizer
     text = "what is the blue shape ? circle"
     assert tok.decode(tok(text)["input_ids"]) == text
     assert tok.unk_token_id not in tok(" ".join(e.prompt for e in fed.public[:200]))["input_ids"]
-    enc = data.Encoder(proc)
+    enc = models.Encoder(proc)
     ex = fed.public[:3]
     resp = ["circle<|im_end|>", "red red<|im_end|>", "left"]
     b = enc([e.image for e in ex], [e.prompt for e in ex], resp)
@@ -197,7 +199,7 @@ def test_jsonl_loader_validates(tmp_path, fed):
     good = {"image": "a.png", "prompt": "what color?", "chosen": "red<|im_end|>", "rejected": "blue<|im_end|>"}
     f = tmp_path / "ok.jsonl"
     _write_jsonl(f, [good, good])
-    rows = data.load_jsonl(f, "pairs")
+    rows = safe_io.load_jsonl(f, "pairs")
     assert len(rows) == 2 and rows[0]["image"] == str((tmp_path / "a.png").resolve())
     cases = {
         "badjson": ([good, "{not json"], "bad.jsonl:2: not valid JSON"),
@@ -211,11 +213,11 @@ def test_jsonl_loader_validates(tmp_path, fed):
     for name, (rows, msg) in cases.items():
         bad = tmp_path / "bad.jsonl"
         _write_jsonl(bad, rows)
-        with pytest.raises(data.DataError, match=msg.replace("(", r"\(").replace("?", r"\?")):
-            data.load_jsonl(bad, "pairs")
+        with pytest.raises(safe_io.DataError, match=msg.replace("(", r"\(").replace("?", r"\?")):
+            safe_io.load_jsonl(bad, "pairs")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(data.DataError, match="empty.jsonl: empty file"):
-        data.load_jsonl(empty, "prompts")
-    with pytest.raises(data.DataError, match="file not found"):
-        data.load_jsonl(tmp_path / "absent.jsonl", "eval")
+    with pytest.raises(safe_io.DataError, match="empty.jsonl: empty file"):
+        safe_io.load_jsonl(empty, "prompts")
+    with pytest.raises(safe_io.DataError, match="file not found"):
+        safe_io.load_jsonl(tmp_path / "absent.jsonl", "eval")

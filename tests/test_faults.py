@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
+import models
 import grpo
 import mor
 import reward
@@ -92,12 +93,12 @@ def test_a_checkpoint_whose_tokenizer_lacks_the_chat_tokens_is_refused(tmp_path,
     for f in [*d.glob("*.json"), *d.glob("*.jinja")]:  # the end-of-turn token renamed everywhere
         f.write_text(f.read_text().replace("<|im_end|>", "<|end|>"))
     with pytest.raises(ValueError, match=r"lacks the chat token\(s\) \['<\|im_end\|>'\]"):
-        data.load_vlm(d)
-    data.load_vlm(tiny_dirs["qwen2_vl"])  # the untouched checkpoint loads
+        models.load_vlm(d)
+    models.load_vlm(tiny_dirs["qwen2_vl"])  # the untouched checkpoint loads
 
 
 def test_a_poisoned_reward_model_upload_is_refused(tmp_path, tiny_dirs):
-    vlm, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
     reward.RewardModel(vlm, proc, mean=0.1, std=2.0).save(tmp_path / "rm")
     reward.RewardModel.load(tmp_path / "rm")  # sound upload: loads
     for name, edit, msg in [
@@ -121,17 +122,17 @@ def test_a_poisoned_reward_model_upload_is_refused(tmp_path, tiny_dirs):
 def test_guarded_step_skips_a_nonfinite_loss_or_gradient(capsys):
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], lr=0.1)
-    assert not data.guarded_step(opt, (p * float("nan")).sum(), [p], "t")
+    assert not models.guarded_step(opt, (p * float("nan")).sum(), [p], "t")
     # sqrt at 0: a finite loss (0) with an infinite gradient
-    assert not data.guarded_step(opt, torch.sqrt(p).sum(), [p], "t")
+    assert not models.guarded_step(opt, torch.sqrt(p).sum(), [p], "t")
     out = capsys.readouterr().out
     assert "t: non-finite loss" in out and "t: non-finite gradient" in out
     assert torch.equal(p.detach(), torch.zeros(2)) and not opt.state  # AdamW moments untouched
-    assert data.guarded_step(opt, ((p - 1) ** 2).sum(), [p], "t") and (p > 0).all()
+    assert models.guarded_step(opt, ((p - 1) ** 2).sum(), [p], "t") and (p > 0).all()
 
 
 def test_a_nan_bt_loss_is_skipped_and_rm_training_continues(tiny_dirs, fed, monkeypatch, capsys):
-    vlm, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
     rm = reward.RewardModel(vlm, proc)
     real, calls = reward.bradley_terry_loss, []
 
@@ -150,8 +151,8 @@ def test_a_nan_bt_loss_is_skipped_and_rm_training_continues(tiny_dirs, fed, monk
 
 
 def test_nan_rewards_and_a_nan_loss_skip_their_grpo_step(tiny_dirs, fed, monkeypatch, capsys):
-    policy, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
-    ref, _ = data.load_vlm(tiny_dirs["qwen2_vl"])
+    policy, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
+    ref, _ = models.load_vlm(tiny_dirs["qwen2_vl"])
     before = [q.detach().clone() for q in policy.parameters()]
     n_calls = {"reward": 0, "loss": 0}
 
@@ -170,7 +171,7 @@ def test_nan_rewards_and_a_nan_loss_skip_their_grpo_step(tiny_dirs, fed, monkeyp
 
     monkeypatch.setattr(grpo, "grpo_loss", loss_fn)
     cfg = grpo.GRPOConfig(steps=4, prompts=3, group=2)
-    log = grpo.train_grpo(policy, ref, data.Encoder(proc), fed.pool[:30], reward_fn, cfg, seed=0)
+    log = grpo.train_grpo(policy, ref, models.Encoder(proc), fed.pool[:30], reward_fn, cfg, seed=0)
     out = capsys.readouterr().out
     assert log["skipped"] == [1, 2], log["skipped"]
     assert "step 1: 1 non-finite reward(s)" in out and "step 2: non-finite loss" in out

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import data
+import models
 import reward
 from federated import Client, fedavg, fedavg_reward_model
 
@@ -62,7 +63,7 @@ def test_client_holds_out_whole_images_and_reports_only_counts(fed):
 def test_fedavg_reward_model_is_the_weighted_mean_of_client_rms(tiny_dirs):
     rms = []
     for s in (0, 1):
-        vlm, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+        vlm, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
         torch.manual_seed(s)
         rm = reward.RewardModel(vlm, proc)
         with torch.no_grad():
@@ -74,6 +75,6 @@ def test_fedavg_reward_model_is_the_weighted_mean_of_client_rms(tiny_dirs):
     for k, v in out.state_dict().items():
         if v.is_floating_point():
             assert torch.allclose(v, 0.25 * sds[0][k] + 0.75 * sds[1][k], atol=1e-6), k
-    vlm, proc = data.load_vlm(tiny_dirs["llava_onevision"])
+    vlm, proc = models.load_vlm(tiny_dirs["llava_onevision"])
     with pytest.raises(ValueError, match="one architecture"):
         fedavg_reward_model([rms[0], reward.RewardModel(vlm, proc)], [1, 1])

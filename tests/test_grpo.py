@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import data
+import models
 import grpo
 import router
 
@@ -84,8 +84,8 @@ def test_response_batch_masks_up_to_the_first_end_token():
 
 @pytest.fixture(scope="module")
 def policy(tiny_dirs):
-    vlm, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
-    return vlm, data.Encoder(proc)
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
+    return vlm, models.Encoder(proc)
 
 
 def test_token_logprobs_match_generate_and_features_match_the_router(policy, fed):
@@ -97,7 +97,7 @@ def test_token_logprobs_match_generate_and_features_match_the_router(policy, fed
                            suppress_tokens=enc.banned_ids, pad_token_id=enc.pad_id, eos_token_id=enc.eos_id)
         new = out.sequences[:, pb["input_ids"].shape[1]:]
         rb = grpo.response_batch(pb, new, 1, enc.eos_id)
-        feats = data.image_features(vlm, pb, [0, 1, 2])
+        feats = models.image_features(vlm, pb, [0, 1, 2])
         logp, h = grpo.token_logprobs(vlm, rb, feats, enc.banned_ids, hidden=True)
     Tp = pb["input_ids"].shape[1]
     for t in range(new.shape[1]):

@@ -8,22 +8,23 @@ import pytest
 import torch
 
 import data
+import models
 
 EXPECTED = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
             "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
-@pytest.mark.parametrize("family", data.FAMILIES)
+@pytest.mark.parametrize("family", models.FAMILIES)
 def test_tiny_family_loads_forward_generate(family, tiny_dirs, fed):
     d = tiny_dirs[family]
     assert os.path.isfile(f"{d}/model.safetensors")
     cfg = json.load(open(f"{d}/config.json"))
     assert cfg["architectures"] == [EXPECTED[family]]
-    model, proc = data.load_vlm(d)
+    model, proc = models.load_vlm(d)
     assert type(model).__name__ == EXPECTED[family]
     # the special ids were written everywhere, not Qwen's 151643/151645 defaults
     assert model.config.get_text_config().eos_token_id == proc.tokenizer.convert_tokens_to_ids(data.EOS)
-    enc = data.Encoder(proc)
+    enc = models.Encoder(proc)
     ex = fed.public[:3]
     b = enc([e.image for e in ex], [e.prompt for e in ex], ["red<|im_end|>"] * 3)
     b.pop("response_mask")
@@ -42,8 +43,8 @@ def test_tiny_family_loads_forward_generate(family, tiny_dirs, fed):
 
 
 def test_same_seed_same_weights(tmp_path):
-    a = data.build_tiny("qwen2_vl", tmp_path / "a", seed=3)
-    b = data.build_tiny("qwen2_vl", tmp_path / "b", seed=3)
+    a = models.build_tiny("qwen2_vl", tmp_path / "a", seed=3)
+    b = models.build_tiny("qwen2_vl", tmp_path / "b", seed=3)
     assert open(f"{a}/model.safetensors", "rb").read() == open(f"{b}/model.safetensors", "rb").read()
 
 
@@ -52,12 +53,12 @@ def test_load_refuses_pickle_and_remote_code(tmp_path, tiny_dirs):
     shutil.copytree(tiny_dirs["qwen2_vl"], d)
     (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(ValueError, match="pytorch_model.bin.*no pickle"):
-        data.load_vlm(d)
+        models.load_vlm(d)
     (d / "pytorch_model.bin").unlink()
     cfg = json.load(open(d / "config.json"))
     cfg["auto_map"] = {"AutoModel": "evil.Model"}
     json.dump(cfg, open(d / "config.json", "w"))
     with pytest.raises(ValueError, match="remote code"):
-        data.load_vlm(d)
+        models.load_vlm(d)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        data.load_vlm(tmp_path)
+        models.load_vlm(tmp_path)

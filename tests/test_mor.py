@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import data
+import models
 import mor
 
 
 def test_sft_lowers_the_loss(tiny_dirs, fed):
     torch.manual_seed(0)
-    model, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
-    enc = data.Encoder(proc)
+    model, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
+    enc = models.Encoder(proc)
     exs = fed.public[:64]
     batch = enc([e.image for e in exs], [e.prompt for e in exs], [e.answer + data.EOS for e in exs])
     with torch.no_grad():
@@ -172,15 +173,15 @@ def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
-        losses = mor.train_sft(model, data.Encoder(proc), fed.public[:96], steps=3, batch_size=24, lr=1e-3, seed=5)
+        model, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
+        losses = mor.train_sft(model, models.Encoder(proc), fed.public[:96], steps=3, batch_size=24, lr=1e-3, seed=5)
         runs.append((losses, next(model.parameters()).detach().clone()))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
 
 
 def test_balanced_batches_share_domains_evenly(fed):
-    b = next(data.balanced_batches(fed.public, 64, seed=0))
+    b = next(models.balanced_batches(fed.public, 64, seed=0))
     counts = {d: sum(e.domain == d for e in b) for d in data.DOMAINS}
     assert len(b) == 64 and sorted(counts.values()) == [21, 21, 22]
 
@@ -256,8 +257,8 @@ def test_plots_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatc
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
 def test_shared_image_generate_gives_the_same_answers(tiny_dirs, fed, family):
     # evaluate() hands generate one vision pass per distinct image; answers must not change
-    model, proc = data.load_vlm(tiny_dirs[family])
-    enc = data.Encoder(proc)
+    model, proc = models.load_vlm(tiny_dirs[family])
+    enc = models.Encoder(proc)
     exs = sorted((e for d in data.DOMAINS for e in fed.test[d][:40]), key=lambda e: e.image)[:48]
     assert len({e.image for e in exs}) < len(exs)  # some images really are shared
     args = (model, enc, [e.image for e in exs], [e.prompt for e in exs])

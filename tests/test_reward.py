@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import models
 import reward
 
 
@@ -20,7 +21,7 @@ def test_bt_loss_matches_hand_computation():
 @pytest.fixture
 def rm(tiny_dirs):
     torch.manual_seed(0)
-    vlm, proc = data.load_vlm(tiny_dirs["qwen2_vl"])
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
     return reward.RewardModel(vlm, proc)
 
 
@@ -78,7 +79,7 @@ def test_format_pairs_teach_the_form_on_other_domains_prompts(tiny_dirs, fed):
     acc = {}
     for name, extra in (("own only", []), ("with format pairs", fmt)):
         torch.manual_seed(0)
-        rm = reward.RewardModel(*data.load_vlm(tiny_dirs["qwen2_vl"]))
+        rm = reward.RewardModel(*models.load_vlm(tiny_dirs["qwen2_vl"]))
         reward.train_reward_model(rm, own, cfg, seed=0, format_pairs=extra)
         acc[name] = reward.pair_accuracy(rm, held)
     assert acc["with format pairs"] >= 0.9 and acc["with format pairs"] > acc["own only"] + 0.05, acc
@@ -113,12 +114,12 @@ def test_pickle_upload_is_refused(rm, tmp_path):
         reward.RewardModel.load(evil)
 
 
-@pytest.mark.parametrize("family", data.FAMILIES)
+@pytest.mark.parametrize("family", models.FAMILIES)
 def test_shared_image_encoding_equals_one_image_per_row(tiny_dirs, fed, family, monkeypatch):
     """encode_shared runs the vision tower on distinct images only, and the hidden states equal
     those of the plain per-row batch."""
-    vlm, proc = data.load_vlm(tiny_dirs[family])
-    enc = data.Encoder(proc)
+    vlm, proc = models.load_vlm(tiny_dirs[family])
+    enc = models.Encoder(proc)
     ex = fed.clients["shape"][:3]
     imgs = [ex[0].image, ex[1].image, ex[0].image, ex[2].image, ex[1].image]
     prompts = [e.prompt for e in ex] + [ex[0].prompt, ex[1].prompt]
@@ -143,7 +144,7 @@ def test_image_batches_keep_every_image_group_whole(fed):
     per_image = {}
     for p in pairs:
         per_image[p.image] = per_image.get(p.image, 0) + 1
-    it = data.image_batches(pairs, 16, seed=0)
+    it = models.image_batches(pairs, 16, seed=0)
     for _ in range(5):
         b = next(it)
         assert len(b) >= 16
