@@ -8,42 +8,42 @@ policy-gradient update (mu = 1). Both implementations run the *same work definit
   beta 0.04 (k3 KL to the frozen reference), clip eps 0.2, mu = 1, AdamW lr 1e-4 constant
   (betas 0.9/0.999, eps 1e-8, wd 0), global grad-norm clip 1.0, fp32 on CPU, --threads torch threads,
 
-on the same checkpoint (default runs/default/base: the project's tiny Qwen2-VL SFT reference
-policy; TRL loads its reference model from the same directory).
+on the same checkpoint (--model-dir, default runs/default/base: the project's tiny Qwen2-VL SFT
+reference policy; TRL loads its reference model from the same directory) and the same prompts:
+the federation's GRPO prompt pool, written to a JSONL file that the TRL side reads.
 
-  ours  `grpo.train_grpo` with `grpo.OracleReward` on the federation's GRPO prompt pool, called
-        exactly as mor.stage_grpo calls it. Step time = wall time between consecutive `on_step`
-        callbacks (the callback fires once per step, after the update), so it covers the whole
-        loop body: batch fetch + image decode + processor, generate, reference forward, reward,
-        policy forward/backward, AdamW, logging. The first step is timed from just before the
-        train_grpo call (optimizer construction included), which is why warm-up steps are dropped.
-  TRL   /work/shared/trl-grpo-baseline/trl_grpo_bench.py in a separate venv (--trl-python), run as a
-        subprocess with the same --model-dir/--steps/--warmup/--threads/--seed. Its `loop_wall`
-        (on_step_end -> on_step_end, dataloader and logging included) is the same quantity.
+  ours  `grpo.train_grpo` with `grpo.OracleReward` on the pool, called exactly as stages.stage_grpo
+        calls it. Step time = wall time between consecutive `on_step` callbacks (the callback
+        fires once per step, after the update), so it covers the whole loop body: batch fetch +
+        image decode + processor, generate, reference forward, reward, policy forward/backward,
+        AdamW, logging. The first step is timed from just before the train_grpo call (optimizer
+        construction included), which is why warm-up steps are dropped.
+  TRL   bench/trl_grpo_bench.py, run as a subprocess by the python of a separate venv that has
+        trl (--trl-python, default bench/.venv/bin/python; bench/README.md creates it), with the
+        same --model-dir/--steps/--warmup/--threads/--seed. Its `loop_wall` (on_step_end ->
+        on_step_end, dataloader and logging included) is the same quantity.
 
-Both report the median over the steps after the first --warmup ones. Peak memory: ours is
-resource.getrusage(RUSAGE_SELF).ru_maxrss of this process (model, reference, federation data
-and all); TRL's is the VmHWM of its own process, read at exit by a small wrapper (its ru_maxrss
-would inherit this process's peak through vfork + exec, so it is not used).
+Both report the median over the steps after the first --warmup ones; ratio = TRL / ours. Peak
+memory: ours is resource.getrusage(RUSAGE_SELF).ru_maxrss of this process (model, reference,
+federation data and all); TRL's is the VmHWM of its own process, read by the harness at the end.
 
 Known differences that are part of the implementations, not of the settings:
   * ours runs the vision tower once per distinct image (N = 16 per pass) and shares the features
-    across the G samples (grpo.py module doc); TRL encodes every one of the 128 rows' images in
-    generate, the reference forward and the policy forward (harness README, caveat 4);
+    across the G samples (grpo.py module doc); TRL repeats each prompt G times in its sampler, so
+    it encodes all 128 rows' images in generate, in the reference forward and in the policy
+    forward, and runs the processor twice a step;
   * ours also pools the routing features from the reference forward's hidden states (E2);
-  * prompts: ours draws from the federation pool (colour/shape/position questions), TRL from a
-    seeded easy-VQA train subset; both are one image + one short question, 16 per step;
+  * prompts: the same pool, but each side draws its batches in its own seeded order;
   * rewards: ours is the oracle (well-formed one-word answer == gold), TRL's is "first word ==
-    gold"; either costs < 1 ms per step.
+    gold" (its decoded text has no end token to check); either costs < 1 ms per step.
 
-Threads matter more than anything else on this machine (2 cores shared with other jobs; 2
-OpenMP threads spin-wait): compare at one fixed --threads, 1 by default, like the TRL harness.
+Threads matter more than anything else on a small shared machine (2 OpenMP threads on 2 busy
+cores spin-wait on every small op): compare at one fixed --threads, 1 by default, on both sides.
 
-Usage (TRL in its own venv, see /work/shared/trl-grpo-baseline/README.md):
-  python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install -r /work/shared/trl-grpo-baseline/requirements.txt
-  .venv/bin/python bench_grpo.py --threads 1 --steps 20 --warmup 3 \
-      --trl-python /tmp/trlvenv/bin/python --out /tmp/bench_grpo.json
-Without --trl-python only ours is measured.
+Usage (from the repository root; the TRL venv once, see bench/README.md):
+  python3 -m venv bench/.venv && bench/.venv/bin/pip install -r bench/requirements.txt
+  .venv/bin/python bench_grpo.py --threads 1 --steps 20 --warmup 3 --out /tmp/bench_grpo.json
+--no-trl measures ours only (no TRL venv needed).
 """
 
 from __future__ import annotations
@@ -66,24 +66,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 HERE = Path(__file__).resolve().parent
-TRL_HARNESS = Path("/work/shared/trl-grpo-baseline/trl_grpo_bench.py")
+TRL_HARNESS = HERE / "bench" / "trl_grpo_bench.py"
+TRL_VENV_HOWTO = "python3 -m venv bench/.venv && bench/.venv/bin/pip install -r bench/requirements.txt"
 
-# The benchmark's work definition (the TRL harness's HPARAMS, in grpo.GRPOConfig's names).
+# The benchmark's work definition (bench/trl_grpo_bench.py's HPARAMS, in grpo.GRPOConfig's names).
 SETTINGS = dict(prompts=16, group=8, max_new_tokens=4, lr=1e-4, beta=0.04, clip_eps=0.2, mu=1, temperature=1.0)
-
-# Runs the TRL harness as __main__ in the child and, at exit, writes the child's own peak RSS
-# (VmHWM of its address space, kB) to the path in argv[1]. argv[2] is the harness, the rest its args.
-_TRL_WRAPPER = r"""
-import atexit, runpy, sys
-out, script = sys.argv[1], sys.argv[2]
-def _peak():
-    with open("/proc/self/status") as f:
-        kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
-    open(out, "w").write(str(kb))
-atexit.register(_peak)
-sys.argv = [script, *sys.argv[3:]]
-runpy.run_path(script, run_name="__main__")
-"""
 
 
 def vm_hwm_kb() -> int:
@@ -126,15 +113,12 @@ class PhaseTimer:
         return d
 
 
-def bench_ours(args) -> dict:
-    import data
+def bench_ours(args, fed) -> dict:
     import models
     import grpo
 
-    # The federation as runs/default was built (data seed 0, default split sizes): the pool's
-    # prompts and their gold answers, read only by the oracle reward (as in mor.stage_grpo).
+    # The pool's gold answers are read only by the oracle reward (as in stages.stage_grpo).
     t = time.perf_counter()
-    fed = data.build_federation(args.data_seed)
     gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
     policy, proc = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")
     ref, _ = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")  # frozen pi_ref
@@ -207,19 +191,28 @@ def bench_ours(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# TRL: the shared harness in its own venv, as a subprocess with identical settings
+# TRL: bench/trl_grpo_bench.py in its own venv, as a subprocess with identical settings
 # ----------------------------------------------------------------------------------------------
 
 
-def bench_trl(args, workdir: Path) -> dict:
-    results, peak_file, log_file = workdir / "trl_results.json", workdir / "trl_peak_kb", workdir / "trl.log"
-    cmd = [args.trl_python, "-c", _TRL_WRAPPER, str(peak_file), str(TRL_HARNESS),
-           "--model-dir", str(Path(args.model_dir).resolve()), "--steps", str(args.warmup + args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--output-dir", str(workdir / "trl_out"), "--results", str(results), "--show-completions", "4"]
-    print(f"[bench] TRL: {' '.join(cmd[:2])} <wrapper> {' '.join(cmd[3:])}  (log: {log_file})", flush=True)
-    with open(log_file, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=TRL_HARNESS.parent).returncode
+def write_prompts(fed, path: Path) -> Path:
+    """The pool as JSONL (absolute image path, question, gold) for the TRL side, which imports
+    nothing from the project: its venv only needs trl and the images on disk."""
+    with open(path, "w") as f:
+        for e, g in zip(fed.pool, fed.pool_gold):
+            f.write(json.dumps({"image": os.path.abspath(e.image), "prompt": e.prompt, "answer": g}) + "\n")
+    return path
+
+
+def bench_trl(args, workdir: Path, prompts: Path) -> dict:
+    results, log_file = workdir / "trl_results.json", workdir / "trl.log"
+    cmd = [args.trl_python, str(TRL_HARNESS), "--model-dir", str(Path(args.model_dir).resolve()),
+           "--prompts", str(prompts), "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--seed", str(args.seed), "--output-dir", str(workdir / "trl_out"),
+           "--results", str(results), "--show-completions", "4"]
+    print(f"[bench] TRL: {' '.join(cmd)}  (log: {log_file})", flush=True)
+    with open(log_file, "w") as f:  # cwd: TRL's stray outputs go beside the results, not into the repo
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=workdir).returncode
     if rc != 0 or not results.is_file():
         tail = "".join(open(log_file).readlines()[-30:])
         raise SystemExit(f"[bench] TRL harness failed (exit {rc}); last lines of {log_file}:\n{tail}")
@@ -230,7 +223,7 @@ def bench_trl(args, workdir: Path) -> dict:
         "median_split_s": r["median_split_s"],
         "step_wall_s": [s["loop_wall"] for s in r["per_step"]],
         "total_train_s": r["total_train_s"],
-        "peak_rss_mb": int(peak_file.read_text()) / 1024 if peak_file.is_file() else None,
+        "peak_rss_mb": r["peak_rss_mb"],
         "loadavg_before_after": r["loadavg_before_after"],
         "versions": r["versions"],
         "reward_per_step": r["rewards_per_step"],
@@ -251,10 +244,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for both (0: torch's default)")
     p.add_argument("--seed", type=int, default=42, help="sampling/batch-order seed (the TRL harness's default)")
     p.add_argument("--data-seed", type=int, default=0, help="federation split seed (runs/default used 0)")
-    p.add_argument("--trl-python", default=None, help="python of a venv with trl; also runs the TRL harness")
+    p.add_argument("--trl-python", default=str(HERE / "bench/.venv/bin/python"),
+                   help="python of the separate venv with trl (default: bench/.venv/bin/python)")
+    p.add_argument("--no-trl", action="store_true", help="measure ours only")
     p.add_argument("--trl-first", action="store_true", help="run TRL before ours (to check order effects)")
     p.add_argument("--out", default=None, help="JSON results path (TRL's json and log go beside it)")
     args = p.parse_args(argv)
+    # Both inputs are checked before any work: ours alone takes minutes before TRL would start.
+    if not (Path(args.model_dir) / "config.json").is_file():
+        p.exit(2, f"bench_grpo.py: no checkpoint at {args.model_dir}; build the project's base first "
+                  "(python mor.py --stages base,sft) or pass --model-dir DIR\n")
+    if not args.no_trl and not os.access(args.trl_python, os.X_OK):
+        p.exit(2, f"bench_grpo.py: no TRL venv python at {args.trl_python}; create it from the repository "
+                  f"root with: {TRL_VENV_HOWTO} (or pass --trl-python PY, or --no-trl)\n")
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # before any work: the pool size is fixed at first use
     sys.path.insert(0, str(HERE))  # import data, grpo from the repo whatever the cwd
@@ -263,11 +265,20 @@ def main(argv=None):
         workdir = workdir / (Path(args.out).stem + "_files")
     workdir.mkdir(parents=True, exist_ok=True)
 
+    import data
     import transformers
+
+    # The federation as runs/default was built (data seed 0, default split sizes); its GRPO
+    # prompt pool is what both sides train on.
+    t = time.perf_counter()
+    fed = data.build_federation(args.data_seed)
+    prompts = write_prompts(fed, workdir / "prompts.jsonl")
+    federation_s = time.perf_counter() - t
 
     res = {"command": " ".join([sys.executable, *sys.argv]), "settings": SETTINGS, "steps": args.steps,
            "warmup": args.warmup, "threads": torch.get_num_threads(), "seed": args.seed,
-           "model_dir": str(Path(args.model_dir).resolve()),
+           "model_dir": str(Path(args.model_dir).resolve()), "federation_s": federation_s,
+           "pool_prompts": len(fed.pool),
            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "transformers": transformers.__version__},
            "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")}
@@ -275,9 +286,9 @@ def main(argv=None):
     order = ["trl", "ours"] if args.trl_first else ["ours", "trl"]
     for name in order:
         if name == "ours":
-            res["ours"] = bench_ours(args)
-        elif args.trl_python:
-            res["trl"] = bench_trl(args, workdir)
+            res["ours"] = bench_ours(args, fed)
+        elif not args.no_trl:
+            res["trl"] = bench_trl(args, workdir, prompts)
     ours, trl = res["ours"], res.get("trl")
     if trl:
         res["ratio_trl_over_ours"] = trl["median_s_per_step"] / ours["median_s_per_step"]

@@ -22,6 +22,8 @@ import data
 import models
 import grpo
 import mor
+import pipeline
+import safe_io
 import reward
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +43,12 @@ def _user_pairs_file(tmp_path, fed, n=40, name="clinic.jsonl", rows=None):
 
 def test_a_user_client_joins_the_federation_with_its_own_pairs(tmp_path, fed):
     f = _user_pairs_file(tmp_path, fed)
-    run = mor.Run(mor.parse_args(["--quick", "--run-dir", str(tmp_path / "run"), "--client-data", f"clinic={f}"]))
+    run = pipeline.Run(mor.parse_args(["--quick", "--run-dir", str(tmp_path / "run"), "--client-data", f"clinic={f}"]))
     clients = run.clients()
     assert list(clients) == ["color", "shape", "position", "clinic"]  # K = 4, the user client last
     c = clients["clinic"]
     assert c.n + len(c._heldout) == 40 and c.n > 0 and c._heldout  # whole images held out
-    assert run.family("clinic") == mor.USER_FAMILY and "rm_clinic" in mor.methods(run)
+    assert run.family("clinic") == pipeline.USER_FAMILY and "rm_clinic" in pipeline.methods(run)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -76,7 +78,7 @@ def test_bad_user_client_data_names_the_file_line_and_field(tmp_path, fed):
     }
     for name, (rows, msg) in cases.items():
         f = _user_pairs_file(tmp_path, fed, name="bad.jsonl", rows=rows)
-        run = mor.Run(mor.parse_args(["--quick", "--run-dir", str(tmp_path / "run"), "--client-data", f"clinic={f}"]))
+        run = pipeline.Run(mor.parse_args(["--quick", "--run-dir", str(tmp_path / "run"), "--client-data", f"clinic={f}"]))
         with pytest.raises(ValueError, match=msg):
             run.clients()
 
@@ -191,9 +193,9 @@ from pathlib import Path
 d, i = Path({d!r}), 0
 while True:  # rewrite all three kinds of artifact, as fast as the disk allows
     i += 1
-    mor.atomic_write_json(d / "r.json", {{"i": i, "pad": "x" * 2_000_000}})
-    mor.atomic_save_file(d / "w.safetensors", {{"w": torch.full((1_000_000,), float(i))}})
-    with mor.atomic_dir(d / "dir") as t:
+    safe_io.atomic_write_json(d / "r.json", {{"i": i, "pad": "x" * 2_000_000}})
+    safe_io.atomic_save_file(d / "w.safetensors", {{"w": torch.full((1_000_000,), float(i))}})
+    with safe_io.atomic_dir(d / "dir") as t:
         (t / "a").write_text(str(i) * 200_000)
         (t / "b").write_text(str(i) * 200_000)
     print(i, flush=True)
@@ -222,12 +224,12 @@ def test_a_write_killed_at_any_point_leaves_the_previous_good_state(tmp_path):
         if not (d / "dir").exists():  # killed between atomic_dir's two renames: parked, not lost
             assert list(d.glob(".dir.old*"))
             with pytest.raises(RuntimeError):
-                with mor.atomic_dir(d / "dir"):
+                with safe_io.atomic_dir(d / "dir"):
                     raise RuntimeError("the next attempt fails too")
         a, b = (d / "dir" / "a").read_text(), (d / "dir" / "b").read_text()
         assert a == b and len(a) >= 200_000  # both files from the same, complete round
-        mor.atomic_write_json(d / "r.json", {"i": 0})  # the next writes sweep the debris
-        with mor.atomic_dir(d / "dir") as t:
+        safe_io.atomic_write_json(d / "r.json", {"i": 0})  # the next writes sweep the debris
+        with safe_io.atomic_dir(d / "dir") as t:
             (t / "a").write_text("0")
         assert not [f.name for f in d.iterdir() if f.name.startswith((".r.json", ".dir"))]
 
@@ -235,18 +237,18 @@ def test_a_write_killed_at_any_point_leaves_the_previous_good_state(tmp_path):
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path, monkeypatch):
     import os
 
-    mor.atomic_write_json(tmp_path / "r.json", {"good": 1})
-    mor.atomic_save_file(tmp_path / "w.safetensors", {"w": torch.ones(3)})
+    safe_io.atomic_write_json(tmp_path / "r.json", {"good": 1})
+    safe_io.atomic_save_file(tmp_path / "w.safetensors", {"w": torch.ones(3)})
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
-        mor.atomic_write_json(tmp_path / "r.json", {"good": 0})
+        safe_io.atomic_write_json(tmp_path / "r.json", {"good": 0})
     monkeypatch.setattr(data, "save_file", disk_full)
     with pytest.raises(OSError):
-        mor.atomic_save_file(tmp_path / "w.safetensors", {"w": torch.zeros(3)})
+        safe_io.atomic_save_file(tmp_path / "w.safetensors", {"w": torch.zeros(3)})
     assert json.loads((tmp_path / "r.json").read_text()) == {"good": 1}
     assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], torch.ones(3))
     assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "w.safetensors"]

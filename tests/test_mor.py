@@ -7,7 +7,12 @@ import torch
 
 import data
 import models
+import evaluate
 import mor
+import pipeline
+import report
+import reward
+import safe_io
 
 
 def test_sft_lowers_the_loss(tiny_dirs, fed):
@@ -17,10 +22,10 @@ def test_sft_lowers_the_loss(tiny_dirs, fed):
     exs = fed.public[:64]
     batch = enc([e.image for e in exs], [e.prompt for e in exs], [e.answer + data.EOS for e in exs])
     with torch.no_grad():
-        before = mor.sft_loss(model, batch).item()
-    losses = mor.train_sft(model, enc, exs, steps=25, batch_size=32, lr=2e-3, seed=0)
+        before = reward.sft_loss(model, batch).item()
+    losses = reward.train_sft(model, enc, exs, steps=25, batch_size=32, lr=2e-3, seed=0)
     with torch.no_grad():
-        after = mor.sft_loss(model, batch).item()
+        after = reward.sft_loss(model, batch).item()
     assert len(losses) == 25
     assert after < 0.5 * before, (before, after)
 
@@ -35,7 +40,7 @@ def test_sft_loss_matches_hand_computation():
 
     ids = torch.tensor([[0, 3, 4, 5, 6], [3, 4, 2, 1, 6]])
     resp = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
-    got = mor.sft_loss(Fixed(), {"input_ids": ids, "response_mask": resp})
+    got = reward.sft_loss(Fixed(), {"input_ids": ids, "response_mask": resp})
     lp = logits.log_softmax(-1)
     want = -(lp[0, 2, 5] + lp[0, 3, 6] + lp[1, 3, 6]) / 3
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
@@ -47,22 +52,22 @@ def test_evaluate_counts_on_a_hand_made_case(monkeypatch):
             "shape": [data.Example("d", "q", "circle", "shape")]}
     answers = {"a": "red<|im_end|>", "b": "red<|im_end|>", "c": "green", "d": "circle<|im_end|>"}
     monkeypatch.setattr(mor, "generate", lambda m, e, images, prompts, **k: [answers[i] for i in images])
-    out = mor.evaluate(torch.nn.Linear(1, 1), None, test, batch_size=2)
+    out = evaluate.evaluate(torch.nn.Linear(1, 1), None, test, batch_size=2)
     assert out["correct"] == {"color": [1, 0, 0], "shape": [1]}  # 'green' lacks the end token
     assert out["accuracy"]["color"] == pytest.approx(1 / 3) and out["accuracy"]["shape"] == 1.0
     assert out["malformed_share"] == pytest.approx(1 / 4)
 
 
 def test_win_rate_hand_computation():
-    assert mor.win_rate([1, 0, 1, 0], [0, 1, 1, 0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert evaluate.win_rate([1, 0, 1, 0], [0, 1, 1, 0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
 
 
 def test_atomic_dir_keeps_the_old_state_on_failure(tmp_path):
     target = tmp_path / "out"
-    with mor.atomic_dir(target) as t:
+    with safe_io.atomic_dir(target) as t:
         (t / "f").write_text("good")
     with pytest.raises(RuntimeError):
-        with mor.atomic_dir(target) as t:
+        with safe_io.atomic_dir(target) as t:
             (t / "f").write_text("half")
             raise RuntimeError("killed mid-write")
     assert (target / "f").read_text() == "good"
@@ -121,7 +126,7 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
     assert 0 < sum(nts_log["rm_calls"]) <= 2 * 6 * 4
     assert sum(sum(c) for c in nts_log["nts"]["arm_counts"].values()) == 2 * 6  # one arm per prompt
     fams = {c: json.loads((run / "clients" / c / f"reward-{f}" / "reward.json").read_text())["family"]
-            for c, f in mor.SETTINGS["heterogeneous"].items()}
+            for c, f in pipeline.SETTINGS["heterogeneous"].items()}
     assert fams == {"color": "llava_onevision", "shape": "qwen2_5_vl", "position": "qwen2_vl"}
     assert res["domains"] == data.DOMAINS
     assert res["eval_questions_per_domain"] == {d: 16 for d in data.DOMAINS}
@@ -174,7 +179,7 @@ def test_same_seed_same_sft_on_cpu(tiny_dirs, fed):
     for _ in range(2):
         torch.manual_seed(0)
         model, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
-        losses = mor.train_sft(model, models.Encoder(proc), fed.public[:96], steps=3, batch_size=24, lr=1e-3, seed=5)
+        losses = reward.train_sft(model, models.Encoder(proc), fed.public[:96], steps=3, batch_size=24, lr=1e-3, seed=5)
         runs.append((losses, next(model.parameters()).detach().clone()))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
@@ -240,7 +245,7 @@ def test_atomic_dir_clears_what_a_kill_left(tmp_path):
     (tmp_path / ".out.old999").mkdir()  # killed between the two renames: the last good copy
     (tmp_path / ".out.old999" / "f").write_text("good")
     with pytest.raises(RuntimeError):
-        with mor.atomic_dir(target):
+        with safe_io.atomic_dir(target):
             raise RuntimeError("fails again")
     assert (target / "f").read_text() == "good"  # the parked copy was restored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -250,7 +255,7 @@ def test_plots_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatc
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    mor.plots(mor.Run(mor.parse_args(["--run-dir", str(tmp_path / "r")])))
+    report.plots(pipeline.Run(mor.parse_args(["--run-dir", str(tmp_path / "r")])))
     assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
 
 
@@ -262,7 +267,7 @@ def test_shared_image_generate_gives_the_same_answers(tiny_dirs, fed, family):
     exs = sorted((e for d in data.DOMAINS for e in fed.test[d][:40]), key=lambda e: e.image)[:48]
     assert len({e.image for e in exs}) < len(exs)  # some images really are shared
     args = (model, enc, [e.image for e in exs], [e.prompt for e in exs])
-    assert mor.generate(*args, share_images=True) == mor.generate(*args)
+    assert evaluate.generate(*args, share_images=True) == evaluate.generate(*args)
 
 
 def test_flip_pairs_reverses_the_asked_share(fed):
@@ -279,10 +284,10 @@ def test_bucket_setting_adds_the_noisy_client(tmp_path):
     assert mor.main(["--quick", "--run-dir", str(run), "--setting", "bucket", "--stages", "reward",
                      "--rm-sft-steps", "1", "--rm-steps", "2"]) == 0
     m = json.loads((run / "rm_matrix-bucket.json").read_text())
-    assert set(m["n_pairs"]) == {*data.DOMAINS, mor.WEAK_CLIENT}
+    assert set(m["n_pairs"]) == {*data.DOMAINS, pipeline.WEAK_CLIENT}
     # the weak client holds the most pairs: Weighted RM trusts it most
-    assert m["n_pairs"][mor.WEAK_CLIENT] > max(m["n_pairs"][d] for d in data.DOMAINS)
-    assert (run / "clients" / mor.WEAK_CLIENT / "reward-llava_onevision" / "reward.json").exists()
+    assert m["n_pairs"][pipeline.WEAK_CLIENT] > max(m["n_pairs"][d] for d in data.DOMAINS)
+    assert (run / "clients" / pipeline.WEAK_CLIENT / "reward-llava_onevision" / "reward.json").exists()
 
 
 def test_bucket_table_compares_with_and_without_the_weak_client():
@@ -295,6 +300,6 @@ def test_bucket_table_compares_with_and_without_the_weak_client():
          "reference": {d: 0 for d in data.DOMAINS}, "methods": {"avg_rm": m}, "wall_seconds": {},
          "without_weak_client": {"avg_rm": acc(0.9, 0.6, 0.8)}}
     r["chance"] = {d: 0 for d in data.DOMAINS}
-    md = mor.results_markdown(r)
+    md = report.results_markdown(r)
     # overall without = (90 + 60 + 2 * 80) / 4 = 77.5; with = 50.0
     assert "| avg_rm | 90.0 / 50.0 | 60.0 / 50.0 | 80.0 / 50.0 | 77.5 | 50.0 | -27.5 |" in md

@@ -1,0 +1,215 @@
+"""Reporting: the tables, the benchmark's gates and the plots, from what the stages wrote.
+
+Nothing here trains or evaluates a model: every function reads results (dicts from results.json,
+router-<setting>.json, the GRPO logs) and writes markdown or PNG. The CLI (mor.py) and the eval
+stage (stages.py) import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import json
+
+import data
+from pipeline import WEAK_CLIENT, WEAK_FLIP, Run, policy_dir, trained_methods
+from safe_io import atomic_savefig
+
+
+def matrix_markdown(matrix: dict[str, dict[str, float]], cols: list[str] | None = None,
+                    corner: str = "RM \\ domain") -> str:
+    """{row: {col: value in [0, 1]}} -> a markdown table in %."""
+    cols = cols or list(next(iter(matrix.values())))
+    lines = [f"| {corner} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    rows = [k for k in cols if k in matrix] + [k for k in matrix if k not in cols]  # domains first
+    lines += [f"| {k} | " + " | ".join(f"{100 * matrix[k][c]:.1f}" for c in cols) + " |" for k in rows]
+    return "\n".join(lines)
+
+
+def router_markdown(s: dict) -> str:
+    names = s["rms"]
+    out = [f"Held-out pair accuracy of the mixed reward (%), {s['setting']} setting", "",
+           matrix_markdown(s["heldout_pair_accuracy"], names), "",
+           "Mean routing weight of the trained router: row = domain of the response, column = RM", "",
+           "| domain \\ RM | " + " | ".join(names) + " | entropy (nats) |", "|---|" + "---|" * (len(names) + 1)]
+    out += [f"| {d} | " + " | ".join(f"{s['routing_weights'][d][k]:.2f}" for k in names)
+            + f" | {s['routing_entropy'][d]:.2f} |" for d in names]
+    out += ["", f"(uniform routing: entropy {s['max_entropy']:.2f}; collapse onto one RM: 0)"]
+    return "\n".join(out)
+
+
+def plots(run: Run) -> None:
+    """grpo-<setting>.png: reward and on-the-fly sampled accuracy over GRPO steps per method
+    (10-step moving average, seeds averaged); routing-<setting>.png: the router's mean weight
+    per (domain, RM). matplotlib is optional: without it, one line says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    setting = run.args.setting
+
+    def smooth(xs, w=10):  # trailing moving average: single GRPO steps are noisy (16 prompts)
+        return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+
+    if run.output("grpo").exists():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        # Rewards of different methods live on different scales (0/1 oracle vs standardised RM
+        # mixtures): compare their trends, not their levels; accuracy is comparable across methods.
+        for method in trained_methods(run):
+            # trained_methods has checked that every seed's log is there
+            logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds]
+            for ax, key in zip(axes, ("reward", "accuracy")):
+                if logs and logs[0][key]:
+                    n = min(len(lg[key]) for lg in logs)
+                    mean = [sum(lg[key][i] for lg in logs) / len(logs) for i in range(n)]
+                    ax.plot(smooth(mean), label=method)
+        axes[0].set(title="reward of the method's own source (standardised)", xlabel="GRPO step")
+        axes[1].set(title="sampled accuracy (gold, evaluator only)", xlabel="GRPO step")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        atomic_savefig(fig, run.dir / f"grpo-{setting}.png")
+        plt.close(fig)
+    summary = run.dir / f"router-{setting}.json"
+    if summary.exists():
+        r = json.loads(summary.read_text())
+        # [domain, RM]: a good router is near-diagonal (each domain to its own client's RM)
+        w = [[r["routing_weights"][d][k] for k in r["rms"]] for d in r["rms"]]
+        fig, ax = plt.subplots(figsize=(4.5, 3.8))
+        im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
+        ax.set(xticks=range(len(r["rms"])), yticks=range(len(r["rms"])), xticklabels=r["rms"],
+               yticklabels=r["rms"], xlabel="reward model", ylabel="domain of the response",
+               title=f"mean routing weight ({setting})")
+        for i, row in enumerate(w):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k")
+        fig.colorbar(im)
+        fig.tight_layout()
+        atomic_savefig(fig, run.dir / f"routing-{setting}.png")
+        plt.close(fig)
+
+
+def _mean_std(xs: list[float]) -> dict:
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd}
+
+
+def _moving_max(xs: list[float], w: int = 10) -> float:
+    """Largest w-step moving average: "stays under 5% over training" is a claim about every
+    stretch of training, not just the end."""
+    if not xs:
+        return 0.0
+    return max(sum(xs[i:i + w]) / len(xs[i:i + w]) for i in range(max(1, len(xs) - w + 1)))
+
+
+def gates(r: dict) -> dict:
+    """The benchmark's soundness gates that can be computed so far (issue "benchmark must measure
+    what it claims"): {name: {pass, value, threshold}}. A failed gate is reported, never hidden.
+      1 blind baseline: max over domains of (blind - chance) <= 0.05
+      2 reference: min over domains of (reference - blind) >= 0.10, and overall <= 0.80
+      3 client RMs: min over clients of the in-domain held-out pair accuracy >= 0.90
+      4 oracle GRPO: min over domains of (oracle policy - reference), mean over seeds, >= 0.05
+      5 no reward hacking: max over methods of the largest 10-step moving share of malformed
+        samples during GRPO < 0.05 (the final KL of each method is in the table)"""
+    doms, n = r["domains"], r["eval_questions_per_domain"]
+    out = {}
+    v = max(r["blind"][d] - r["chance"][d] for d in doms)
+    out["1_blind_at_chance"] = {"pass": v <= 0.05, "value": v, "threshold": 0.05}
+    v = min(r["reference"][d] - r["blind"][d] for d in doms)
+    out["2a_reference_above_blind"] = {"pass": v >= 0.10, "value": v, "threshold": 0.10}
+    v = sum(r["reference"][d] * n[d] for d in doms) / max(sum(n.values()), 1)
+    out["2b_reference_overall_at_most"] = {"pass": v <= 0.80, "value": v, "threshold": 0.80}
+    if "rm_pair_accuracy" in r:
+        m = r["rm_pair_accuracy"]
+        v = min(m[c][c] for c in m if c in doms)  # a client is named after its domain
+        out["3_client_rm_in_domain"] = {"pass": v >= 0.90, "value": v, "threshold": 0.90}
+    # Gates 4-5 need aligned policies: computed once the grpo stage has run.
+    ms = r.get("methods", {})
+    if "oracle" in ms:
+        v = min(ms["oracle"]["accuracy"][d]["mean"] - r["reference"][d] for d in doms)
+        out["4_oracle_grpo_gain"] = {"pass": v >= 0.05, "value": v, "threshold": 0.05}
+    if ms:
+        v = max(m["malformed_share"]["mean"] for m in ms.values())
+        out["5_no_reward_hacking"] = {"pass": v < 0.05, "value": v, "threshold": 0.05}
+    return out
+
+
+def _chance(exs: list[data.Example]) -> float:
+    """Accuracy of a uniform guess among the answers the question admits (position questions
+    name their two candidates, "left or right?", so chance is 1/2 there)."""
+    d = exs[0].domain if exs else ""
+    return 0.5 if d == "position" else 1.0 / len(data.DOMAIN_ANSWERS.get(d, [None]))
+
+
+def results_markdown(r: dict) -> str:
+    """results.json -> results.md, in reading order:
+      1. chance, blind and reference accuracy per domain (is the benchmark sound?)
+      2. every aligned policy: accuracy mean +/- std over seeds, win rate, malformed share, KL
+      3. the client x domain RM pair-accuracy matrix (why routing is worth having)
+      4. the gates, PASS or FAIL with their numbers, and the wall time of every stage
+    Overall columns weight each domain by its number of test questions."""
+    doms = r["domains"]
+    lines = ["| | " + " | ".join(doms) + " | overall |", "|---|" + "---|" * (len(doms) + 1)]
+
+    def row(name, accs):
+        n = r["eval_questions_per_domain"]
+        overall = sum(accs[d] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
+        return f"| {name} | " + " | ".join(f"{100 * accs[d]:.1f}" for d in doms) + f" | {100 * overall:.1f} |"
+
+    lines += [row("chance", r["chance"]), row("blind (question only)", r["blind"]),
+              row("reference (SFT)", r["reference"])]
+    out = ["# mor results", "", f"Test questions per domain: {r['eval_questions_per_domain']}; "
+           f"data seed {r.get('data_seed')}, GRPO seeds {r['seeds']}. Accuracy in %, greedy answers, exact match.", ""] + lines
+    if r.get("methods"):
+        out += ["", f"GRPO-aligned policies: accuracy (%) mean +/- std over seeds {r['seeds']}; "
+                "win rate vs the reference (%); max 10-step malformed share of samples during training (%); "
+                "final KL; RM rows scored per step (distinct samples x RMs run)", "",
+                "| method | " + " | ".join(doms) + " | overall | win rate | malformed | KL | RM rows/step |",
+                "|---|" + "---|" * (len(doms) + 5)]
+        n = r["eval_questions_per_domain"]  # overall = question-weighted mean of the domains
+        # table order = E8's order (results.json stores its keys sorted)
+        order = ["oracle", "mor", "mor_nts", "mor_nts_batch", "avg_rm", "weighted_rm", "fedavg_rm"]
+        names = sorted(r["methods"], key=lambda k: (order.index(k) if k in order else len(order), k))
+        for name, m in ((k, r["methods"][k]) for k in names):
+            acc = {d: m["accuracy"][d]["mean"] for d in doms}
+            overall = sum(acc[d] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
+            wr = sum(m["win_rate"][d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
+            out.append(f"| {name} | " + " | ".join(f"{100 * m['accuracy'][d]['mean']:.1f} +/- "
+                                                  f"{100 * m['accuracy'][d]['std']:.1f}" for d in doms)
+                       + f" | {100 * overall:.1f} | {100 * wr:.1f} | {100 * m['malformed_share']['mean']:.1f} "
+                       f"| {m['final_kl']['mean']:.3f} | {m.get('rm_rows_per_step', {}).get('mean', 0):.0f} |")
+    for name, m in r.get("methods", {}).items():
+        if "nts_arm_share" in m:
+            share = m["nts_arm_share"]
+            out += ["", f"{name}: share of prompts routed to each RM (rows: domain of the prompt), final "
+                    f"mean posterior variance {m['nts_final_variance']['mean']:.3f}", "",
+                    matrix_markdown(share, list(next(iter(share.values()))), "domain \\ RM")]
+    if r.get("without_weak_client"):
+        # overall accuracy (question-weighted) with and without the weak client, same seeds
+        def overall(acc):
+            return sum(acc[d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
+
+        out += ["", f"Bucket effect: accuracy (%) without and with the weak client `{WEAK_CLIENT}` "
+                f"({int(100 * WEAK_FLIP)}% of its preferences reversed), mean over seeds {r['seeds']}", "",
+                "| method | " + " | ".join(f"{d} without / with" for d in doms) + " | overall without | with | change |",
+                "|---|" + "---|" * (len(doms) + 3)]
+        for name, acc0 in r["without_weak_client"].items():
+            acc1 = r["methods"][name]["accuracy"]
+            out.append(f"| {name} | " + " | ".join(f"{100 * acc0[d]['mean']:.1f} / {100 * acc1[d]['mean']:.1f}"
+                                                  for d in doms)
+                       + f" | {100 * overall(acc0):.1f} | {100 * overall(acc1):.1f} "
+                       f"| {100 * (overall(acc1) - overall(acc0)):+.1f} |")
+    if "rm_pair_accuracy" in r:
+        out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
+                "row = reward model, column = domain", "", matrix_markdown(r["rm_pair_accuracy"], doms)]
+    if r.get("gates"):
+        out += ["", "| gate | value | threshold | |", "|---|---|---|---|"]
+        out += [f"| {k} | {g['value']:.3f} | {g['threshold']} | {'PASS' if g['pass'] else 'FAIL'} |"
+                for k, g in r["gates"].items()]
+    w = dict(r["wall_seconds"])
+    beside = w.pop("beside_reward", 0.0)
+    out += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in w.items())
+            + ("; base and sft ran beside the clients' RMs, inside reward's time" if beside else "")
+            + f". Run directory total: {sum(w.values()) - beside:.0f} s.", ""]
+    return "\n".join(out)

@@ -1,0 +1,461 @@
+"""The stages of the pipeline, in the order they run (each writes its output atomically):
+
+  base    build the tiny Qwen2-VL checkpoint and pre-train it to caption synthetic images
+          (or take --base DIR, a real checkpoint)                                  -> base_init/
+  sft     short supervised fine-tune on the public split: the server's reference policy -> base/
+  reward  every client trains its Bradley-Terry RM on its own pairs with its own VLM family (E1);
+          FedAvg-RM in the homogeneous setting (E8); the client x domain pair-accuracy matrix,
+          each entry computed by the client that owns the domain        -> clients/, rm_matrix-*.json
+  router  the router trained by FedAvg over the clients (E2-E4)         -> router-<setting>.safetensors
+  grpo    a copy of the reference aligned with each method's reward, per seed (E5-E8) -> policies/
+  eval    greedy answers on the test split, judged (E9), the gates and the tables -> results.json/.md
+
+Jobs that need nothing from each other (the clients' RMs and the server's base; the GRPO runs of
+every method and seed) run side by side in --workers processes of one torch thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import data
+import federated
+import grpo
+import models
+import nts
+import reward
+import router
+from evaluate import evaluate, win_rate
+from pipeline import (PRETRAIN_IMAGES, SETTINGS, WEAK_CLIENT, Run, grpo_config, make_router, methods,
+                      policy_dir, set_seed, trained_methods, weight_sources)
+from report import _chance, _mean_std, _moving_max, gates, matrix_markdown, plots, results_markdown, router_markdown
+from reward import train_sft
+from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
+
+
+def stage_base(run: Run) -> None:
+    """The embedded default's base: a tiny Qwen2-VL from a config, pre-trained to caption
+    synthetic easy-VQA-style images (data.pretrain_examples), the stand-in for a downloaded
+    pre-trained VLM. Skipped when --base is given: a real checkpoint arrives pre-trained."""
+    a = run.args
+    set_seed(a.seed)
+    with atomic_dir(run.dir / "base_init") as tmp:
+        models.build_tiny("qwen2_vl", tmp, seed=a.seed)
+        if a.pretrain_steps:
+            model, proc = models.load_vlm(tmp, device=run.device)
+            examples = data.pretrain_examples(PRETRAIN_IMAGES, a.seed)
+            losses = train_sft(model, models.Encoder(proc), examples, a.pretrain_steps, a.sft_batch, a.pretrain_lr,
+                               a.seed, desc="pretrain")
+            model.save_pretrained(tmp, safe_serialization=True)
+            atomic_write_json(tmp / "pretrain_log.json", {"loss": losses, "steps": a.pretrain_steps,
+                                                          "images": PRETRAIN_IMAGES})
+            tqdm.write(f"pretrain: caption loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} "
+                       f"over {len(losses)} steps")
+
+
+def base_init_dir(run: Run) -> Path:
+    return Path(run.args.base) if run.args.base else run.dir / "base_init"
+
+
+def stage_sft(run: Run) -> None:
+    a = run.args
+    set_seed(a.seed)
+    # The same loader as for a real checkpoint: --base DIR swaps the tiny model for a real one.
+    model, proc = models.load_vlm(base_init_dir(run), device=run.device)
+    enc = models.Encoder(proc)
+    # Public split only: the server never sees a client's questions (those stay in clients/).
+    losses = train_sft(model, enc, run.fed.public, a.sft_steps, a.sft_batch, a.sft_lr, a.seed)
+    with atomic_dir(run.dir / "base") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        proc.save_pretrained(tmp)
+        atomic_write_json(tmp / "sft_log.json", {"loss": losses, "steps": a.sft_steps, "lr": a.sft_lr,
+                                                 "batch": a.sft_batch, "examples": len(run.fed.public)})
+    tqdm.write(f"sft: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} "
+               f"over {len(losses)} steps on {len(run.fed.public)} public questions")
+
+
+def stage_reward(run: Run, beside: list[str] = ()) -> dict:
+    """E1 on every client, then the cross-domain matrix (and FedAvg-RM when homogeneous).
+
+    `beside`: server stages (base, sft) that have not run yet. They and the clients' RMs need
+    nothing from each other, so with --workers > 1 the server's chain is one more job in the
+    pool: measured, the three RM jobs alone left one of two workers idle for a third of the
+    stage. Returns {server stage: seconds it took inside its worker}."""
+    a = run.args
+    clients = run.clients()
+    # In a real federation the clients train at the same time on their own machines; here they
+    # share this one: --workers processes of one torch thread each (as in the grpo stage).
+    # Only the upload directory comes back.
+    todo = []
+    for name in clients:
+        if run.rm_dir(name).exists():  # resume: a finished client is never retrained
+            tqdm.write(f"reward {name}: {run.rm_dir(name)} exists, kept")
+        else:
+            run.client_init(name)  # built here, once: two workers must not race for one family dir
+            todo.append(name)
+    jobs = [(a, None, list(beside))] if beside else []  # the server's chain first: the longest job
+    jobs += [(a, name, []) for name in todo]
+    times = {}
+    if a.workers > 1 and len(jobs) > 1:
+        for t in in_workers(_reward_worker, jobs, a.workers):
+            times.update(t)
+    else:
+        times = server_job(run, beside)[1] if beside else {}
+        for name in todo:
+            tqdm.write(reward_job(run, clients[name]))
+    uploads = {name: run.rm_dir(name) for name in clients}
+    # FedAvg-RM is only defined between copies of one architecture and one initialisation: the
+    # homogeneous setting. In the heterogeneous one, sharing parameters is impossible, which is
+    # the paper's point: rewards are the common currency, weights are not.
+    if a.setting == "homogeneous":
+        uploads["fedavg_rm"] = fedavg_rm(run, clients)
+    # Client j scores every uploaded RM on its own held-out pairs and reports one number per RM:
+    # the matrix needs no data to leave a client. One RM in memory at a time (real checkpoints).
+    matrix = {}
+    for k, path in uploads.items():
+        rm = reward.RewardModel.load(path, device=run.device)
+        matrix[k] = {j: c.pair_accuracy(rm) for j, c in clients.items()}
+        del rm
+    atomic_write_json(run.output("reward"), {"setting": a.setting, "rm_pair_accuracy": matrix,
+                                             "families": {k: run.family(k) for k in clients},
+                                             "n_pairs": {k: c.n for k, c in clients.items()}})
+    print(f"\nHeld-out pair accuracy (%), {a.setting} setting: row = reward model, column = domain\n")
+    print(matrix_markdown(matrix))
+    return times
+
+
+def in_workers(fn, jobs: list, workers: int) -> list:
+    """Run fn(job) for every job in `workers` spawned processes, in the order given (a long job
+    first keeps the pool busy); fn returns (line, extra): each line is printed as its job
+    finishes, and the extras come back in order of completion. spawn: a fresh
+    interpreter per worker (no forked torch thread pool); each job rebuilds its Run from the
+    args it carries, so its work is a pure function of the job."""
+    import multiprocessing as mp
+
+    extras = []
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        for line, extra in pool.imap_unordered(fn, jobs):
+            tqdm.write(line)
+            extras.append(extra)
+        pool.close()  # let the workers exit cleanly (the with-block alone would terminate them)
+        pool.join()
+    return extras
+
+
+def server_job(run: Run, stages: list[str]) -> tuple[str, dict]:
+    """The server's own chain (base, then sft), timed stage by stage."""
+    times = {}
+    for name in stages:
+        t = time.time()
+        STAGES[name](run)
+        times[name] = round(time.time() - t, 2)
+    return "server: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), times
+
+
+def reward_job(run: Run, client: federated.Client) -> str:
+    """E1 for one client: its RM trained on its own pairs from its own VLM, written atomically."""
+    set_seed(run.args.seed)
+    with atomic_dir(run.rm_dir(client.name)) as tmp:
+        m = client.train_reward_model(run.client_init(client.name), tmp, run.rm_config(), run.device)
+    return (f"reward {client.name} ({m['family']}): held-out pair accuracy {m['heldout_accuracy']:.3f} "
+            f"on {m['heldout_pairs']} pairs, {m['seconds']:.0f}s")
+
+
+def _reward_worker(job) -> tuple[str, dict]:
+    """One client's RM, or (name None) the server's base and sft, in a worker process (one
+    torch thread; the Run and its clients are rebuilt from the same args, a pure function of
+    the data seed)."""
+    args, name, server_stages = job
+    torch.set_num_threads(1)
+    run = Run(args)
+    if name is None:
+        return server_job(run, server_stages)
+    return reward_job(run, run.clients()[name]), {}
+
+
+def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
+    """E8's parameter-sharing baseline: FedAvg of the client RMs, weights n_k. Its reward stats
+    are pooled from the moments each client computes locally (count, sum, sum of squares)."""
+    out = run.dir / "clients" / "fedavg_rm"
+    if out.exists():
+        return out
+    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
+    # theta_FedAvg = sum_k n_k / sum_j n_j * theta_k over backbone and head alike (E4 applied to RMs)
+    rm = federated.fedavg_reward_model(rms, [c.n for c in clients.values()])
+    n, s, ss = map(sum, zip(*(c.reward_moments(rm) for c in clients.values())))
+    rm.mean = s / n
+    rm.std = max(((ss - n * rm.mean ** 2) / max(n - 1, 1)) ** 0.5, 1e-6)
+    rm.info = {"client": "fedavg_rm", "family": rm.vlm.config.model_type, "n_pairs": int(sum(c.n for c in clients.values()))}
+    with atomic_dir(out) as tmp:
+        rm.save(tmp)
+    return out
+
+
+def routing_setup(run: Run, on_client=None) -> tuple[dict, torch.nn.Module, float]:
+    """What every router run starts from, in-process (stage_router) or over Flower
+    (flower_fed.prepare): each client downloads the public reference (features, E2) and the K RM
+    uploads (E3) and precomputes its pairs' features and RM scores once (rounds then cost ms);
+    the server's initial router is seeded, then standardised with the pooled feature moments
+    (count, sum [D], sum of squares [D]) the clients report in one extra exchange before round 0.
+    `on_client(client)` runs after each client's precompute (Flower writes its cache there).
+    -> (clients {name: Client}, initial router, precompute seconds)."""
+    a = run.args
+    clients = run.clients()
+    ref, proc = models.load_vlm(run.dir / "base", device=run.device)
+    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
+    t = time.time()
+    for c in tqdm(clients.values(), desc="router: clients precompute features and RM scores", disable=None):
+        c.prepare_routing(ref, models.Encoder(proc), rms, a.router_pairs)
+        if on_client is not None:
+            on_client(c)
+    prep = time.time() - t
+    del ref, rms
+    set_seed(a.seed)
+    model = make_router(run)()
+    model.set_feature_stats(*router.pooled_stats([c.feature_moments() for c in clients.values()]))
+    return clients, model, prep
+
+
+def stage_router(run: Run) -> None:
+    """E4: the router trained by FedAvg over the clients, each with the K frozen RMs."""
+    a = run.args
+    clients, model, prep = routing_setup(run)
+    names = list(clients)
+    make = make_router(run)
+
+    def held_out(m):  # each client reports the mixed reward's accuracy on its held-out pairs
+        return {"heldout_acc": {k: c.mixed_accuracy(m) for k, c in clients.items()}}
+
+    t = time.time()
+    log = federated.run_rounds(model, make, list(clients.values()), a.rounds, a.local_epochs, a.router_lr,
+                               a.router_batch, a.client_fraction, a.seed, on_round=held_out)
+    rounds_s = time.time() - t
+    for e in log:
+        tqdm.write(f"round {e['round']:3d}: routing loss {e['loss']:.4f}, held-out pair accuracy "
+                   + ", ".join(f"{k} {100 * v:.1f}" for k, v in e["heldout_acc"].items()))
+    # The comparison the issue asks for: held-out pair accuracy of the mixed reward per domain for
+    # MoR and every fixed-weight baseline, each number computed by the client owning the domain.
+    sources = weight_sources(run, model.state_dict())
+    acc = {s: {k: c.mixed_accuracy(src) for k, c in clients.items()} for s, src in sources.items()}
+    w = {k: c.routing_weights(model) for k, c in clients.items()}  # [2N_k, K] per domain
+    weights = {k: dict(zip(names, wk.mean(0).tolist())) for k, wk in w.items()}
+    entropy = {k: router.routing_entropy(wk) for k, wk in w.items()}
+    summary = {"setting": a.setting, "rms": names, "heldout_pair_accuracy": acc, "routing_weights": weights,
+               "routing_entropy": entropy, "max_entropy": math.log(len(names)), "rounds": log,
+               "seconds": {"precompute": round(prep, 1), "rounds": round(rounds_s, 2)}}
+    atomic_write_json(run.dir / f"router-{a.setting}.json", summary)
+    atomic_save_file(run.output("router"), model.state_dict())
+    print(router_markdown(summary))
+
+
+def stage_grpo(run: Run) -> None:
+    """Align a copy of the reference with each method's reward, for each seed (E5, E8).
+
+    Every (method, seed) is an independent job with its own output directory (the unit of
+    resumption). With --workers W > 1 they run in W processes of one torch thread each: the tiny
+    models do not keep two threads busy, and two 1-thread GRPO runs side by side took 18.6 s per
+    25 steps each where one 2-thread run took 12.6 s (0.37 vs 0.50 s per step of throughput)."""
+    a = run.args
+    jobs = [(m, s) for m in methods(run) for s in a.seeds]
+    todo = [(m, s) for m, s in jobs if not policy_dir(run, m, s).exists()]
+    for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
+        tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} exists, kept")
+    if a.workers > 1 and len(todo) > 1:
+        # the costliest jobs first (they score with the most RMs), so the pool does not end on
+        # one long job with the other worker idle
+        todo.sort(key=lambda ms: -JOB_COST.get(ms[0], 1))
+        in_workers(_grpo_worker, [(a, m, s) for m, s in todo], a.workers)
+    else:
+        cache: dict = {}
+        for m, s in todo:
+            tqdm.write(grpo_job(run, m, s, cache))
+    summary = {m: [str(policy_dir(run, m, s).relative_to(run.dir)) for s in a.seeds] for m in methods(run)}
+    atomic_write_json(run.output("grpo"), summary)
+
+
+_WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded by its first job
+
+
+# Relative cost of a GRPO job (training + test eval, 1 thread, measured on the default run with
+# 100 steps): Avg/Weighted RM and MoR score with every RM (77-89 s), NTS adds a bandit update
+# and a policy forward per step (82-87 s), single RMs take 67-73 s and the oracle about 62 s.
+JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor": 1.2, "mor_nts": 1.2, "mor_nts_batch": 1.2}
+
+
+def _grpo_worker(job) -> tuple[str, None]:
+    """One (method, seed) job in a worker process: one torch thread, its own Run. A worker
+    lives for the whole stage, so the RMs it loaded serve all of its jobs."""
+    args, method, seed = job
+    torch.set_num_threads(1)
+    return grpo_job(Run(args), method, seed, _WORKER_CACHE), None
+
+
+def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
+    """GRPO for one method and seed; writes policies/<setting>/<method>/seed<seed>/ atomically
+    and returns the summary line. `cache` keeps the K client RMs and the router between the
+    jobs of one process."""
+    a, fed = run.args, run.fed
+    # The pool's gold answers: read by the oracle reward and by the on-the-fly accuracy in the
+    # logs, never by the trainer's update (MoR's server has no labels).
+    gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
+    out = policy_dir(run, method, seed)
+    if method == "oracle":
+        fn = grpo.OracleReward(gold)
+    elif method == "fedavg_rm":
+        fn = grpo.SingleReward(reward.RewardModel.load(run.dir / "clients" / "fedavg_rm", device=run.device))
+    else:
+        if "rms" not in cache:  # the K client uploads, loaded once for every RM method
+            cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
+            cache["router"] = router.load_state(run.output("router"), make_router(run)())
+        rms, router_state = cache["rms"], cache["router"]
+        if method.startswith("mor_nts"):
+            ts = nts.NeuralTS(weight_sources(run, router_state)["mor"], lam=a.nts_lambda, nu=a.nts_nu,
+                              update_steps=a.nts_update_steps, seed=seed)
+            fn = grpo.NTSReward(rms, ts, a.group, per_batch=method == "mor_nts_batch")
+        else:
+            fn = grpo.MixedReward(rms, weight_sources(run, router_state)[method])
+    # Every method starts from the same reference weights; only the reward differs. The seed
+    # drives the prompt order and the sampling, so seeds measure RL noise.
+    set_seed(seed)
+    policy, proc = models.load_vlm(run.dir / "base", device=run.device)
+    ref, _ = models.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
+    t = time.time()
+    log = grpo.train_grpo(policy, ref, models.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
+                          desc=f"grpo {method} s{seed}")
+    t_train = time.time() - t
+    # E9 on the test split here, in the worker, rather than in the single-process eval stage:
+    # the two workers then share it. Stored with the policy; eval adds the win rate.
+    r = evaluate(policy, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+    # The policy appears under its final name only when complete: a kill here costs this one
+    # (method, seed), and the rerun resumes with it.
+    with atomic_dir(out) as tmp:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        proc.save_pretrained(tmp)
+        atomic_write_json(tmp / "test_eval.json", {"accuracy": r["accuracy"], "correct": r["correct"],
+                                                   "malformed_share": r["malformed_share"],
+                                                   "n": run.fed_test_size()})
+        extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, grpo.NTSReward) else {}
+        atomic_write_json(tmp / "grpo_log.json", dict(log, **extra, rm_calls=getattr(fn, "calls", None),
+                                                      seconds=round(t_train, 1),
+                                                      config=vars(grpo_config(run))))
+    w = min(10, len(log["reward"])) or 1
+    return (f"grpo {method} seed {seed}: reward {sum(log['reward'][-w:]) / w:.3f}, "
+            f"kl {sum(log['kl'][-w:]) / w:.3f}, sampled accuracy {sum(log['accuracy'][-w:]) / w:.3f}, "
+            f"{time.time() - t:.0f}s")
+
+
+def nts_summary(fn, fed) -> dict:
+    """What the bandit did: arm-choice histogram per domain (per step and in total), the mean
+    posterior variance and the feedback rate per step."""
+    # The question text fixes the domain, so the prompt string maps to it (evaluator-side only).
+    dom = {e.prompt: e.domain for e in fed.pool}
+    names, total, steps = list(fed.clients), {}, []
+    for h in fn.history:
+        hist = {}
+        for p, k in zip(h["prompts"], h["arms"]):
+            hist.setdefault(dom[p], [0] * len(names))[k] += 1
+            total.setdefault(dom[p], [0] * len(names))[k] += 1
+        steps.append({"arms": hist, "variance": h["variance"], "feedback": h.get("feedback")})
+    return {"rms": names, "arm_counts": total, "steps": steps}
+
+
+def stage_eval(run: Run) -> None:
+    fed = run.fed
+    model, proc = models.load_vlm(run.dir / "base", device=run.device)
+    ref = evaluate(model, models.Encoder(proc), fed.test, desc="eval reference")
+    # Gate 1 of the benchmark: a question-only guesser fitted on the public split must sit at
+    # chance, else the table would measure the text shortcut rather than vision (DESIGN 4).
+    blind = data.blind_baseline(fed.public, fed.test)
+    results = {
+        "domains": list(fed.test),
+        "eval_questions_per_domain": {d: len(v) for d, v in fed.test.items()},
+        "seeds": run.args.seeds,  # the GRPO seeds every method's mean +/- std is taken over
+        "data_seed": run.args.seed,  # split, reference SFT, client RMs and router
+        "chance": {d: _chance(fed.test[d]) for d in fed.test},
+        "blind": blind,
+        "reference": ref["accuracy"],
+        "reference_malformed_share": ref["malformed_share"],
+        "wall_seconds": run.timings,
+    }
+    rm_file = run.output("reward")
+    if rm_file.exists():
+        rm = json.loads(rm_file.read_text())
+        results["setting"], results["rm_pair_accuracy"] = rm["setting"], rm["rm_pair_accuracy"]
+    if run.output("grpo").exists():
+        results["methods"] = evaluate_methods(run, ref["correct"])
+    results["gates"] = gates(results)
+    main_table = run.dir / "results.json"
+    if WEAK_CLIENT in SETTINGS[run.args.setting] and main_table.exists() and "methods" in results:
+        # the bucket effect: the same methods and seeds without the weak client (the main table)
+        without = json.loads(main_table.read_text()).get("methods", {})
+        results["without_weak_client"] = {m: without[m]["accuracy"] for m in results["methods"] if m in without}
+    atomic_write_json(run.dir / "reference_correct.json", ref["correct"])
+    atomic_write_json(run.output("eval"), results)
+    plots(run)
+    md = results_markdown(results)
+    atomic_write_text(run.output("eval").with_suffix(".md"), md)
+    print("\n" + md)
+
+
+def evaluate_methods(run: Run, ref_correct: dict) -> dict:
+    """E9 for every aligned policy: greedy test accuracy and win rate vs the reference per domain,
+    as mean and std over the GRPO seeds; plus the training-time malformed share (gate 5) and
+    the final KL. A policy's evaluation is cached in its directory (eval.json)."""
+    fed, out = run.fed, {}
+    for method in trained_methods(run):
+        per_seed = []  # one dict per GRPO seed: test accuracy, win rate, malformed share, KL
+        for seed in run.args.seeds:
+            d = policy_dir(run, method, seed)
+            cache = d / "eval.json"
+            # cached evaluations are reused only for the same test set (--test-per-domain may differ)
+            done = d / "test_eval.json"  # written by the GRPO job on the same test set, if it was
+            if cache.exists() and json.loads(cache.read_text()).get("n") == run.fed_test_size():
+                ev = json.loads(cache.read_text())
+            else:
+                r = json.loads(done.read_text()) if done.exists() else {}
+                if r.get("n") != run.fed_test_size():
+                    model, proc = models.load_vlm(d, device=run.device)
+                    r = evaluate(model, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+                ev = {"accuracy": r["accuracy"], "malformed_share": r["malformed_share"], "n": run.fed_test_size(),
+                      "win_rate": {k: win_rate(r["correct"][k], ref_correct[k]) for k in fed.test}}
+                atomic_write_json(cache, ev)
+            log = json.loads((d / "grpo_log.json").read_text())
+            ev["train_malformed"] = _moving_max(log["malformed"])
+            ev["final_kl"] = sum(log["kl"][-10:]) / max(len(log["kl"][-10:]), 1)
+            # RM rows scored per GRPO step (distinct samples x RMs run): soft mixtures pay K, hard
+            # routing (NTS) and single RMs pay 1; the oracle pays none
+            ev["rm_rows_per_step"] = sum(log.get("rm_calls") or [0]) / max(len(log["reward"]), 1)
+            if "nts" in log:  # the bandit's choices: arm counts per domain, final variance, feedback rate
+                ev["nts"] = {"arm_counts": log["nts"]["arm_counts"], "rms": log["nts"]["rms"],
+                             "final_variance": log["nts"]["steps"][-1]["variance"],
+                             "feedback_rate": sum(x["feedback"] or 0 for x in log["nts"]["steps"]) / len(log["nts"]["steps"])}
+            per_seed.append(ev)
+        doms = list(fed.test)
+        out[method] = {
+            "accuracy": {k: _mean_std([e["accuracy"][k] for e in per_seed]) for k in doms},
+            "win_rate": {k: _mean_std([e["win_rate"][k] for e in per_seed]) for k in doms},
+            "malformed_share": _mean_std([e["train_malformed"] for e in per_seed]),
+            "eval_malformed_share": _mean_std([e["malformed_share"] for e in per_seed]),
+            "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
+            "rm_rows_per_step": _mean_std([e["rm_rows_per_step"] for e in per_seed]),
+        }
+        if "nts" in per_seed[0]:  # arm choices summed over seeds: share of prompts per (domain, RM)
+            rms = per_seed[0]["nts"]["rms"]
+            counts = {d: [sum(e["nts"]["arm_counts"].get(d, [0] * len(rms))[k] for e in per_seed)
+                          for k in range(len(rms))] for d in doms}
+            out[method]["nts_arm_share"] = {d: {rm: c / max(sum(counts[d]), 1) for rm, c in zip(rms, counts[d])}
+                                            for d in doms}
+            out[method]["nts_final_variance"] = _mean_std([e["nts"]["final_variance"] for e in per_seed])
+    return out
+
+
+# Stage name -> function, and the path whose existence marks it finished (see `Run`).
+# Stages run in this order; later issues append reward, router, grpo.
+STAGES = {"base": stage_base, "sft": stage_sft, "reward": stage_reward, "router": stage_router,
+          "grpo": stage_grpo, "eval": stage_eval}
