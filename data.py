@@ -21,14 +21,19 @@ What is here, in reading order (docs/benchmark.md explains why the benchmark loo
      (a reward model never shown those is hacked within a few hundred GRPO steps): wrong answers
      of the same and of other domains, no end token, repeats, empty.
   4. The blind (question-only) baseline, the benchmark's first gate.
+  5. The benchmark as files (`export_benchmark`, `python data.py export DIR`): the same data in
+     the JSONL form users bring their own, which loads back to identical Examples and Pairs.
 
-The tiny checkpoints and the input path live in models.py; users' own files and crash-safe
-writes in safe_io.py.
+Images are read through `load_image`, a bounded cache of copies downscaled to the processor's
+pixel budget. The tiny checkpoints and the input path live in models.py; users' own files and
+crash-safe writes in safe_io.py.
 """
 
 from __future__ import annotations
 
 import random
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -74,16 +79,81 @@ def question_domain(answer: str) -> str | None:
     return None  # yes/no: dropped (see module docstring)
 
 
-_IMAGE_CACHE: dict[str, Image.Image] = {}
+# The image cache: every stage reads the same images over and over (the benchmark reuses each
+# 64x64 image across questions and epochs), so decoded images are kept, but (a) downscaled to
+# the pixel budget the processor would resize them to anyway (`Encoder` passes it; a 4000x4000
+# photo held at full resolution costs 48 MB per worker, and eight of them added 550 MB), and
+# (b) in an LRU bounded in bytes. The benchmark's 64x64 images (12 KB each, 5,000 in all) fit
+# within both bounds and are kept bit for bit.
+IMAGE_MAX_PIXELS = 448 * 448  # the budget when the caller names none (and the cap of any budget)
+IMAGE_CACHE_BYTES = 256 << 20
+# path -> (image, the budget it was made for, whether it is the full image): a full image serves
+# every budget it fits in, so the 64x64 benchmark images are held once, whoever asks.
+_IMAGE_CACHE: OrderedDict[str, tuple[Image.Image, int, bool]] = OrderedDict()
+_IMAGE_CACHE_LOCK = threading.Lock()
+_image_cache_bytes = 0
 
 
-def load_image(path: str) -> Image.Image:
-    """RGB PIL image, cached: the benchmark reuses each 64x64 image across questions and epochs."""
-    img = _IMAGE_CACHE.get(path)
-    if img is None:
-        with Image.open(path) as f:
-            img = f.convert("RGB")
-        _IMAGE_CACHE[path] = img
+def configure_image_cache(max_pixels: int | None = None, max_bytes: int | None = None) -> None:
+    """Set the default (and largest) pixel budget of `load_image` and the cache's size in
+    bytes; the cache is emptied."""
+    global IMAGE_MAX_PIXELS, IMAGE_CACHE_BYTES, _image_cache_bytes
+    with _IMAGE_CACHE_LOCK:
+        if max_pixels is not None:
+            IMAGE_MAX_PIXELS = int(max_pixels)
+        if max_bytes is not None:
+            IMAGE_CACHE_BYTES = int(max_bytes)
+        _IMAGE_CACHE.clear()
+        _image_cache_bytes = 0
+
+
+def image_cache_stats() -> dict:
+    """{'images': n, 'bytes': RGB bytes held}: what the cache costs this process."""
+    with _IMAGE_CACHE_LOCK:
+        return {"images": len(_IMAGE_CACHE), "bytes": _image_cache_bytes}
+
+
+def bounded_size(w: int, h: int, max_pixels: int) -> tuple[int, int]:
+    """(w, h) scaled down, aspect kept, to at most `max_pixels` pixels; unchanged if within."""
+    if w * h <= max_pixels:
+        return w, h
+    r = (max_pixels / (w * h)) ** 0.5
+    return max(1, int(w * r)), max(1, int(h * r))
+
+
+def image_budget(max_pixels: int | None = None) -> int:
+    """The pixel budget `load_image` applies when asked for `max_pixels`."""
+    return min(max_pixels or IMAGE_MAX_PIXELS, IMAGE_MAX_PIXELS)
+
+
+def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
+    """RGB PIL image of at most `max_pixels` pixels (IMAGE_MAX_PIXELS when None, and never more),
+    cached (LRU, IMAGE_CACHE_BYTES in all). The image is shared: callers must not modify it."""
+    global _image_cache_bytes
+    budget = image_budget(max_pixels)
+    key = str(path)
+    with _IMAGE_CACHE_LOCK:
+        hit = _IMAGE_CACHE.get(key)
+        if hit is not None and (hit[1] == budget or (hit[2] and hit[0].width * hit[0].height <= budget)):
+            _IMAGE_CACHE.move_to_end(key)
+            return hit[0]
+    with Image.open(path) as f:
+        full = f.size
+        size = bounded_size(*full, budget)
+        if size != full:
+            f.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, not the full frame
+        img = f.convert("RGB")
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    with _IMAGE_CACHE_LOCK:
+        old = _IMAGE_CACHE.pop(key, None)
+        if old is not None:
+            _image_cache_bytes -= old[0].width * old[0].height * 3
+        _IMAGE_CACHE[key] = (img, budget, size == full)
+        _image_cache_bytes += img.width * img.height * 3
+        while _image_cache_bytes > IMAGE_CACHE_BYTES and len(_IMAGE_CACHE) > 1:
+            _, (gone, _, _) = _IMAGE_CACHE.popitem(last=False)
+            _image_cache_bytes -= gone.width * gone.height * 3
     return img
 
 
@@ -424,3 +494,101 @@ def blind_baseline(train: list[Example], test: dict[str, list[Example]]) -> dict
             hits += guess == e.answer
         acc[d] = hits / max(len(exs), 1)
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The benchmark as files: the same data in the form users bring their own
+# ----------------------------------------------------------------------------------------------
+
+EXPORT_FORMAT = "mor-benchmark-export/1"
+
+
+def by_domain(examples: list[Example]) -> dict[str, list[Example]]:
+    """{domain: its examples}, domains in order of first appearance (an eval file -> `Federation.test`)."""
+    out: dict[str, list[Example]] = {}
+    for e in examples:
+        out.setdefault(e.domain, []).append(e)
+    return out
+
+
+def export_benchmark(out_dir, seed: int = 0, test_per_domain: int | None = None,
+                     max_rows: int | None = None, federation: Federation | None = None) -> dict[str, int]:
+    """Write the embedded benchmark of data seed `seed` as the JSONL files a user brings, with
+    its images; returns {file: rows}. The files (image paths relative to each file):
+
+      clients/<name>.jsonl  kind 'pairs': `make_pairs(client's questions, seed)` for each client of
+                            `build_federation(seed)` (image, prompt, chosen, rejected, domain)
+      prompts.jsonl         kind 'prompts': the GRPO pool in its shuffled order, with domain and
+                            the gold answer (the oracle reward reads it; the trainer must not)
+      eval.jsonl            kind 'eval': the test split, domain by domain in DOMAINS order
+      sft.jsonl             kind 'sft': the public split as the server's SFT data, with the
+                            careless annotator's labels it carries (PUBLIC_CONFUSIONS)
+      images/<split>/<id>.png   copies of the easy-VQA images the rows use
+      manifest.json         format, seed, test_per_domain, rows per file
+
+    Every row also carries the easy-VQA image_id. Loading the files back (`safe_io.load_jsonl`,
+    then `safe_io.examples` / `safe_io.pairs`) gives the Examples and Pairs of the embedded path
+    in the same order with the same strings; only `image` differs, a path to a byte-identical
+    copy. max_rows: only the first rows of each file (for tests); federation: the result of
+    `build_federation(seed, test_per_domain=test_per_domain)` when the caller has it already.
+    The directory appears whole or not at all, and replaces only a previous export (one with a
+    manifest.json).
+
+    Run it as `python data.py export DIR [--seed N] [--test-per-domain N]`.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    import safe_io  # here, not at the top: safe_io imports torch, which nothing else here needs
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise ValueError(f"{out_dir}: exists and is not a previous export (no manifest.json); "
+                         "choose an empty or new directory")
+    fed = federation or build_federation(seed, test_per_domain=test_per_domain)
+    cut = (lambda rows: rows[:max_rows]) if max_rows is not None else (lambda rows: rows)
+    test = [e for d in DOMAINS for e in fed.test.get(d, [])]
+    pool = [replace(e, answer=a) for e, a in zip(fed.pool, fed.pool_gold)]
+    ids = {e.image: e.image_id for e in [*fed.public, *test, *pool, *(e for v in fed.clients.values() for e in v)]}
+    files: dict[str, list[dict]] = {}
+    for name, exs in fed.clients.items():
+        files[f"clients/{name}.jsonl"] = [
+            {"image": p.image, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "domain": p.domain,
+             "image_id": ids[p.image]} for p in cut(make_pairs(exs, seed))]
+    for fname, exs in (("prompts.jsonl", pool), ("eval.jsonl", test), ("sft.jsonl", fed.public)):
+        files[fname] = [{"image": e.image, "prompt": e.prompt, "answer": e.answer, "domain": e.domain,
+                         "image_id": e.image_id} for e in cut(exs)]
+    with safe_io.atomic_dir(out_dir) as tmp:
+        copied: dict[str, str] = {}  # source path -> path relative to out_dir
+        for fname, rows in files.items():
+            up = "../" * fname.count("/")  # clients/*.jsonl sit one level down
+            lines = []
+            for r in rows:
+                src = r["image"]
+                if src not in copied:
+                    copied[src] = f"images/{r['image_id']}{Path(src).suffix}"  # image_id: "train/17"
+                    (tmp / copied[src]).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, tmp / copied[src])
+                lines.append(json.dumps(dict(r, image=up + copied[src]), ensure_ascii=False))
+            (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / fname).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        counts = {fname: len(rows) for fname, rows in files.items()}
+        safe_io.atomic_write_json(tmp / "manifest.json", {"format": EXPORT_FORMAT, "seed": seed,
+                                                          "test_per_domain": test_per_domain, "max_rows": max_rows,
+                                                          "rows": counts, "images": len(copied)})
+    return counts
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The embedded easy-VQA benchmark as files.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write clients/*.jsonl, prompts.jsonl, eval.jsonl, sft.jsonl and the images")
+    ex.add_argument("dir")
+    ex.add_argument("--seed", type=int, default=0, help="data seed (the split, the pairs, the careless labels)")
+    ex.add_argument("--test-per-domain", type=int, default=None, help="first N test questions per domain")
+    a = ap.parse_args()
+    for fname, n in export_benchmark(a.dir, a.seed, a.test_per_domain).items():
+        print(f"{a.dir}/{fname}: {n} rows")

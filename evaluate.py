@@ -10,7 +10,8 @@ free-form judge.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+
+from progress import Progress
 
 import data
 import models
@@ -39,13 +40,31 @@ def generate(model, encoder: models.Encoder, images, prompts, max_new_tokens: in
     return encoder.decode(out[:, batch["input_ids"].shape[1]:])  # new tokens only [B*n, <=max_new]
 
 
-def judge(response: str, gold: str) -> bool:
-    """Embedded judge: a well-formed one-word answer equal to the gold answer."""
-    return data.extract_answer(response) == gold.lower()
+# A judge maps (the policy's response, the gold answer) to right or wrong. Swap it with --judge, or
+# add your own here: any function (response: str, gold: str) -> bool works, e.g. a normaliser for
+# multi-word answers or a call to a held-out grader model. `malformed` below stays the format
+# check of the embedded benchmark (one word and the end token), reported beside the accuracy.
+
+
+def exact_match(response: str, gold: str) -> bool:
+    """The embedded judge: a well-formed one-word answer equal to the gold answer."""
+    return data.extract_answer(response) == gold.strip().lower()
+
+
+def contains_answer(response: str, gold: str) -> bool:
+    """For short free-form answers: the gold answer's words appear, in order, among the response's
+    words (case-insensitive; the end token and punctuation ignored)."""
+    words = [w for w in models.WORD_RE.findall(response.replace(data.EOS, " ").lower()) if w.isalnum()]
+    want = [w for w in models.WORD_RE.findall(gold.lower()) if w.isalnum()]
+    return bool(want) and any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1))
+
+
+JUDGES = {"exact": exact_match, "contains": contains_answer}
+judge = exact_match  # the default, under its old name
 
 
 def evaluate(model, encoder: models.Encoder, test: dict[str, list[data.Example]], batch_size: int = 256,
-             desc: str = "eval") -> dict:
+             desc: str = "eval", judge=exact_match, max_new_tokens: int = 4) -> dict:
     """Greedy answers per domain -> {'accuracy': {domain: acc}, 'correct': {domain: [0/1 ...]},
     'malformed_share': float}. The per-question 0/1 vectors feed the win rate (E9)."""
     model.eval()
@@ -57,10 +76,11 @@ def evaluate(model, encoder: models.Encoder, test: dict[str, list[data.Example]]
                    key=lambda di: (test[di[0]][di[1]].image, di))
     correct = {d: [0] * len(exs) for d, exs in test.items()}
     malformed = 0
-    bar = tqdm(total=len(order), desc=desc, dynamic_ncols=True, disable=None)
+    bar = Progress(total=len(order), desc=desc, dynamic_ncols=True)
     for s in range(0, len(order), batch_size):
         b = [test[d][i] for d, i in order[s:s + batch_size]]
-        resp = generate(model, encoder, [e.image for e in b], [e.prompt for e in b], share_images=True)
+        resp = generate(model, encoder, [e.image for e in b], [e.prompt for e in b], share_images=True,
+                        max_new_tokens=max_new_tokens)
         for (d, i), r, e in zip(order[s:s + batch_size], resp, b):
             correct[d][i] = int(judge(r, e.answer))
         malformed += sum(data.extract_answer(r) is None for r in resp)

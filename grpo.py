@@ -217,51 +217,168 @@ class SingleReward:
         return r
 
 
-class NTSReward:
-    """MoR+NTS (E6-E7): hard routing by Neural Thompson Sampling. Each prompt (per query) or the
-    whole batch (per batch) draws one arm, i.e. one client RM, and only that RM scores the
-    prompt's G samples: cost O(1) in K, counted in `calls`. After the policy step, `feedback`
-    receives each prompt's GRPO-objective gain and updates the bandit (E7)."""
+def score_routed(rms: list, need: torch.Tensor, images, prompts, responses, calls: list) -> torch.Tensor:
+    """need [B, K] bool: which RM scores which row -> standardised rewards [B, K], NaN where an
+    RM did not score. One batched `score_unique` call per RM that has rows; an RM with none
+    costs nothing. `calls[k]` counts the distinct rows RM k scored."""
+    r = torch.full(need.shape, float("nan"))
+    for k, rm in enumerate(rms):
+        idx = need[:, k].nonzero().squeeze(1).tolist()
+        if idx:
+            r[idx, k], n = score_unique(rm, [images[i] for i in idx], [prompts[i] for i in idx],
+                                        [responses[i] for i in idx])
+            calls[k] += n
+    return r
 
-    def __init__(self, rms: list, ts, group: int, per_batch: bool = False):
-        self.rms, self.ts, self.group, self.per_batch = rms, ts, group, per_batch
+
+class HardReward:
+    """mor_hard: static hard routing, each prompt scored by the router's argmax RM only (no
+    exploration, no learning); the context is e averaged over the prompt's G samples. The
+    baseline NTS must beat at the same O(1) cost in K. `log`: one entry per prompt per step (see
+    NTSReward); `own_share` reads it."""
+
+    def __init__(self, rms: list, source, group: int, domains: dict | None = None):
+        self.rms, self.source, self.group, self.domains = rms, source, group, domains or {}
         self.calls = [0] * len(rms)
-        self.history: list[dict] = []  # per step: arms per prompt, mean posterior variance, feedback
-        self._pending = None
-        self._batch_gains: list[float] = []
+        self.log: list[dict] = []
+        self.step = 0
+
+    def _contexts(self, e: torch.Tensor) -> torch.Tensor:
+        return e.float().view(-1, self.group, e.shape[-1]).mean(1)  # [N, D]: one context per prompt
+
+    def _entries(self, prompts, arms, r, probe) -> list[dict]:
+        """One log entry per prompt; r [N*G] the rewards GRPO receives."""
+        G = self.group
+        groups = r.view(-1, G)  # [N, G]
+        spread = (groups.amax(1) - groups.amin(1)).tolist()
+        out = [{"step": self.step, "prompt": p, "domain": self.domains.get(p), "arm": a, "b": None, "b_arms": None,
+                "probe": q, "spread": s} for p, a, q, s in zip(prompts[::G], arms.tolist(), probe.tolist(), spread)]
+        self.log += out
+        self.step += 1
+        return out
 
     @torch.no_grad()
     def __call__(self, images, prompts, responses, e) -> torch.Tensor:
-        G = self.group
-        ctx = e.view(-1, G, e.shape[-1]).mean(1)  # [N, D]: one context per prompt
-        arms = self.ts.select(ctx, per_batch=self.per_batch)  # [N]
-        _, var = self.ts.posterior(ctx)
-        r = torch.zeros(len(responses))
-        rows = arms.repeat_interleave(G)  # [N*G]: every sample of a prompt uses the prompt's arm
-        for k, rm in enumerate(self.rms):
-            idx = (rows == k).nonzero().squeeze(1).tolist()
-            if idx:  # only the chosen RMs run
-                r[idx], n = score_unique(rm, [images[i] for i in idx], [prompts[i] for i in idx],
-                                         [responses[i] for i in idx])
-                self.calls[k] += n
-        self._pending = (ctx, arms)
-        self.history.append({"prompts": prompts[::G], "arms": arms.tolist(), "variance": var.mean().item()})
+        arms = self.source(self._contexts(e)).argmax(-1)  # [N]
+        need = torch.nn.functional.one_hot(arms, len(self.rms)).bool().repeat_interleave(self.group, 0)
+        r = score_routed(self.rms, need, images, prompts, responses, self.calls)[need]  # [N*G]
+        self._entries(prompts, arms, r, torch.zeros(len(arms), dtype=torch.bool))
         return r
 
-    def feedback(self, gain: torch.Tensor) -> None:
-        """gain [N]: each prompt's GRPO-objective change over the step (E7 via nts.grpo_feedback).
-        Per batch, the batch's mean gain is compared with the median of the earlier batches'."""
-        ctx, arms = self._pending
-        if self.per_batch:
-            g = gain.mean().item()
-            past = torch.tensor(self._batch_gains) if self._batch_gains else torch.tensor([g])
-            b = torch.full((len(arms),), float(g >= past.median().item()))
-            self._batch_gains.append(g)
-            ctx, arms, b = ctx[:1], arms[:1], b[:1]  # one decision, one update
+
+class NTSReward(HardReward):
+    """MoR+NTS (E6-E7): hard routing by Neural Thompson Sampling (nts.NeuralTS), one arm per
+    prompt drawn on the prompt's context, the same context its feedback updates.
+
+    feedback="probe" (nts.probe_feedback): a share `probe` of each batch's prompts (stochastic
+    rounding of probe * N, seeded) is scored by every RM in the same per-RM batched calls; those
+    prompts are rewarded with the referee's mixture R^mix (E3: all K scores are paid, so the
+    policy gets the best reward on hand) and give b_k to every arm (all_arms=True) or to the
+    drawn arm only. feedback="median" (nts.median_feedback): no probes; `feedback(gain)` needs
+    each prompt's GRPO-objective gain (`needs_gain`). The bandit learns in `feedback`, after the
+    policy step, so a batch train_grpo drops teaches it nothing.
+
+    referee: the soft mixture's weight source (default: the bandit's frozen router).
+    format_guard: compare RMs on well-formed samples only (GRPOConfig.format_guard).
+    domains: {prompt text: domain} for the log (the question text fixes the domain).
+    log: per prompt per step {step, prompt, domain, arm, b (drawn arm's, None without feedback),
+    probe, spread (max - min of the group's rewards)}; history: per step {prompts, arms,
+    variance, feedback (mean b or None)}.
+
+    Per-batch routing (one arm for the whole batch) is gone: batches are domain-balanced
+    (models.balanced_batches), so any single arm is the wrong expert for (K-1)/K of a batch's
+    prompts and a batch-mean context is the same for every batch; measured 44.0% vs 88.7% soft."""
+
+    def __init__(self, rms: list, ts, group: int, feedback: str = "probe", probe: float = 0.25, tau: float = 0.5,
+                 all_arms: bool = True, referee=None, format_guard: bool = True, domains: dict | None = None,
+                 seed: int = 0, per_batch: bool = False):
+        if per_batch:
+            raise ValueError("per-batch NTS is removed: domain-balanced batches need one RM per prompt")
+        if feedback not in nts.FEEDBACK:
+            raise ValueError(f"NTS feedback {feedback!r}: one of {nts.FEEDBACK}")
+        super().__init__(rms, ts.router, group, domains)
+        self.ts, self.rule, self.tau, self.all_arms, self.guard = ts, feedback, tau, all_arms, format_guard
+        self.probe = probe if feedback == "probe" else 0.0
+        self.referee = referee if referee is not None else ts.router
+        self.needs_gain = feedback == "median"
+        self.gen = torch.Generator().manual_seed(seed)
+        self.history: list[dict] = []
+        self._pending = None
+
+    def _draw_probes(self, N: int) -> torch.Tensor:
+        """[N] bool: floor(p N + u) prompts, u ~ U(0, 1), at random; E[count] = p N."""
+        n = int(self.probe * N + torch.rand((), generator=self.gen).item())
+        out = torch.zeros(N, dtype=torch.bool)
+        out[torch.randperm(N, generator=self.gen)[:min(n, N)]] = True
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        G, K = self.group, len(self.rms)
+        ctx = self._contexts(e)
+        arms = self.ts.select(ctx)  # [N]
+        probe = self._draw_probes(len(arms)) if self.probe > 0 else torch.zeros(len(arms), dtype=torch.bool)
+        need = (torch.nn.functional.one_hot(arms, K).bool() | probe.unsqueeze(1)).repeat_interleave(G, 0)
+        r_all = score_routed(self.rms, need, images, prompts, responses, self.calls)  # [N*G, K]
+        r = r_all.gather(1, arms.repeat_interleave(G).unsqueeze(1)).squeeze(1)  # [N*G] drawn arm's
+        b = None
+        if probe.any():
+            rows = probe.repeat_interleave(G)  # [N*G]
+            mix = router.mixed_reward(self.referee.weights(e[rows].float()), r_all[rows])  # E3 [n*G]
+            r[rows] = mix
+            valid = None
+            if self.guard:
+                valid = torch.tensor([data.extract_answer(o) is not None for o, q in zip(responses, rows) if q])
+                valid = valid.view(-1, G)
+            b = nts.probe_feedback(r_all[rows].view(-1, G, K).transpose(1, 2), mix.view(-1, G), valid, self.tau)
+        entries = self._entries(prompts, arms, r, probe)
+        self._pending = (ctx, arms, probe, b, entries)
+        self.history.append({"prompts": prompts[::G], "arms": arms.tolist(), "variance": self.ts.last_variance,
+                             "feedback": None})
+        return r
+
+    def feedback(self, gain: torch.Tensor | None = None) -> None:
+        """E7 then E6: turn the pending step into (context, arm, b) triples and update the bandit.
+        gain [N]: each prompt's GRPO-objective gain (median rule only)."""
+        if self._pending is None:
+            return
+        ctx, arms, probe, b, entries = self._pending
+        self._pending = None
+        K = len(self.rms)
+        if self.rule == "median":
+            mine = nts.median_feedback(gain)  # [N]
+            self.ts.update(ctx, arms, mine)
+        elif b is None:
+            return
         else:
-            b = nts.grpo_feedback(gain)
-        self.ts.update(ctx, arms, b)
-        self.history[-1]["feedback"] = b.mean().item()
+            idx = probe.nonzero().squeeze(1)  # [n] prompts with b [n, K]
+            mine = torch.full((len(arms),), float("nan"))
+            mine[idx] = b.gather(1, arms[idx].unsqueeze(1)).squeeze(1)
+            if self.all_arms:  # every (probe prompt, arm) pair: n*K triples
+                self.ts.update(ctx[idx].repeat_interleave(K, 0), torch.arange(K).repeat(len(idx)), b.reshape(-1))
+            else:
+                self.ts.update(ctx[idx], arms[idx], mine[idx])
+            for i, k in enumerate(idx.tolist()):
+                entries[k]["b_arms"] = [None if x != x else x for x in b[i].tolist()]
+        for ent, x in zip(entries, mine.tolist()):
+            ent["b"] = None if x != x else x  # NaN: no feedback
+        given = mine[torch.isfinite(mine)]
+        self.history[-1]["feedback"] = given.mean().item() if len(given) else None
+
+
+def own_share(log: list[dict], own_arm: dict, first: int = 10, last: int = 10) -> dict:
+    """routing_own_share {domain: {"start", "end"}}: the share of a domain's prompts routed to
+    that domain's own RM (own_arm {domain: arm index}) over the first `first` and the last
+    `last` steps of a HardReward/NTSReward log. A domain with no prompt in a window gets None."""
+    steps = sorted({x["step"] for x in log})
+    windows = {"start": set(steps[:first]), "end": set(steps[-last:] if last else [])}
+    out = {}
+    for dom, k in own_arm.items():
+        out[dom] = {}
+        for name, win in windows.items():
+            arms = [x["arm"] for x in log if x["domain"] == dom and x["step"] in win]
+            out[dom][name] = sum(a == k for a in arms) / len(arms) if arms else None
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,14 +469,18 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
             if not models.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
                 log["skipped"].append(step)
-        # -- 4b. E7: each prompt's objective gain over this step, for a bandit router -----------
+        # -- 4b. E7: feedback for a bandit router; the median rule needs each prompt's objective
+        # gain over this step (one extra no-grad forward), the probe rule has its b already
         if hasattr(reward_fn, "feedback"):
-            with torch.no_grad():
-                new_logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G),
-                                          encoder.banned_ids)
-                before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
-                after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)
-            reward_fn.feedback((after - before).view(-1, G).mean(1).cpu())  # [N]
+            gain = None
+            if getattr(reward_fn, "needs_gain", True):
+                with torch.no_grad():
+                    new_logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G),
+                                              encoder.banned_ids)
+                    before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
+                    after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)
+                gain = (after - before).view(-1, G).mean(1).cpu()  # [N]
+            reward_fn.feedback(gain)
         # -- 5. what the bar and the logs show -------------------------------------------------
         m = mask.float()
         kl = ((kl_k3(logp.detach(), ref_logp) * m).sum(1) / m.sum(1).clamp(min=1)).mean().item()

@@ -7,9 +7,11 @@ What is here, in reading order:
      the chat special tokens, and tiny Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision built from small
      configs with the real transformers classes, saved with save_pretrained and loaded back with
      the Auto classes exactly like a downloaded checkpoint directory (`load_vlm`: safetensors
-     only, no remote code; bf16 on CUDA for real checkpoints).
+     only, no remote code; bf16 on CUDA for real checkpoints). `check_model_dir` checks a
+     directory in full without its weights, before any training starts.
   2. `Encoder`: chat template -> processor (image tokens, mm_token_type_ids, left padding) ->
-     tensors, with the vision tower run once per distinct image.
+     tensors, with the vision tower run once per distinct image; `check_lengths` refuses user
+     rows that would not fit the model's context, counted the same way.
   3. Domain-balanced batches and the guarded optimizer step the training loops share.
 """
 
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import CAPTION_WORDS, EOS, POSITION_TEMPLATES, POSITIONS, _easy_vqa_raw, load_image
+from data import CAPTION_WORDS, EOS, POSITION_TEMPLATES, POSITIONS, _easy_vqa_raw, bounded_size, image_budget, load_image
 
 # ----------------------------------------------------------------------------------------------
 # 4. Tokenizer and tiny checkpoints
@@ -199,6 +201,24 @@ def _build_processor(family: str, tok, s: dict):
                                       vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1")
 
 
+def _read_json(f: Path) -> dict:
+    """A JSON object from a checkpoint's config file; errors are one line naming the file."""
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{f}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# The configs that can ask for remote code (auto_map); tokenizer.json cannot.
+_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+            "video_preprocessor_config.json")
+
+
 def _refuse_unsafe_dir(path: str) -> None:
     """A checkpoint directory is an upload from outside: only safetensors weights, no code."""
     p = Path(path)
@@ -210,9 +230,100 @@ def _refuse_unsafe_dir(path: str) -> None:
                          "and JSON configs are accepted (no pickle, no remote code)")
     if not any(f.suffix == ".safetensors" for f in p.iterdir()):
         raise ValueError(f"{path}: no .safetensors weights found")
-    cfg = json.loads((p / "config.json").read_text())
-    if "auto_map" in cfg:
-        raise ValueError(f"{path}/config.json: asks for remote code (auto_map); refused")
+    for name in _CONFIGS:
+        if (p / name).is_file() and "auto_map" in _read_json(p / name):
+            raise ValueError(f"{p / name}: asks for remote code (auto_map); refused")
+
+
+def _check_safetensors(p: Path) -> None:
+    """Each .safetensors file's header, read without the weights: a truncated download or a
+    file that is not safetensors fails here, not minutes later in from_pretrained."""
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set((_read_json(index).get("weight_map") or {}).values())
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise ValueError(f"{index}: names shard(s) that are not there: {', '.join(missing)}")
+    for f in sorted(p.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if size - 8 < n < 100 << 20:  # a plausible header, cut short
+                raise ValueError(f"{f}: truncated ({size} bytes, shorter than its header); download it again")
+            try:  # bytes 0-7: the header's length; then the JSON header; then the tensors
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            except Exception:  # not JSON, not a dict, entries without data_offsets
+                raise ValueError(f"{f}: not a safetensors file (unreadable header)") from None
+        if 8 + n + end > size:
+            raise ValueError(f"{f}: truncated ({size} bytes, the header says {8 + n + end}); download it again")
+
+
+def context_length(config_or_dir) -> int:
+    """max_position_embeddings of a checkpoint: of its text model for a VLM (text_config),
+    else the top level. Takes a checkpoint directory, a config.json path, a config dict or a
+    transformers config."""
+    where = "config"
+    if isinstance(config_or_dir, (str, os.PathLike)):
+        f = Path(config_or_dir)
+        f = f / "config.json" if f.is_dir() else f
+        cfg, where = _read_json(f), str(f)
+    elif isinstance(config_or_dir, dict):
+        cfg = config_or_dir
+    else:
+        cfg = config_or_dir.to_dict()
+    for c in (cfg.get("text_config"), cfg, cfg.get("llm_config")):
+        v = c.get("max_position_embeddings") if isinstance(c, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    raise ValueError(f"{where}: no positive max_position_embeddings (in text_config or at the top level)")
+
+
+def check_model_dir(path: str | os.PathLike) -> dict:
+    """Everything checkable about a checkpoint directory (--base, --client-model) before any
+    training starts, without loading the weights (well under a second for the tiny models):
+    config.json present and valid, a known image-text-to-text model type, safetensors only with
+    sound headers, no remote code anywhere, a context length, tokenizer files that load with
+    the processor, the chat tokens, and a tokenizer that fits the embedding.
+    Returns {'model_type', 'context_length', 'vocab_size'}; errors are one line naming the path."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    _refuse_unsafe_dir(str(p))
+    raw = _read_json(p / "config.json")
+    mtype = raw.get("model_type")
+    if mtype not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"{p / 'config.json'}: model_type {mtype!r} is not an image-text-to-text model "
+                         "this transformers knows; mor needs a chat VLM (Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision)")
+    _check_safetensors(p)
+    n_ctx = context_length(raw)
+    try:
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:
+        raise ValueError(f"{p / 'config.json'}: does not load ({_one_line(e)})") from None
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ValueError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    try:
+        processor = AutoProcessor.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:
+        raise ValueError(f"{path}: the tokenizer/processor does not load ({_one_line(e)})") from None
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise ValueError(f"{path}: no image processor (processor_config.json / preprocessor_config.json): "
+                         "not a VLM checkpoint")
+    _check_chat_tokens(str(path), processor)
+    vocab = config.get_text_config().vocab_size
+    if len(processor.tokenizer) > vocab:
+        raise ValueError(f"{path}: the tokenizer has {len(processor.tokenizer)} tokens, the model's embedding "
+                         f"only {vocab}: tokenizer and weights do not belong together")
+    return {"model_type": mtype, "context_length": n_ctx, "vocab_size": vocab}
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def load_vlm(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -225,6 +336,7 @@ def load_vlm(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
 
     path = str(path)
     _refuse_unsafe_dir(path)
+    _check_safetensors(Path(path))
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
@@ -278,6 +390,7 @@ class Encoder:
             if i is not None and (i != self.tok.unk_token_id or t == "<unk>"):
                 self.banned_ids.append(i)
         self._prompt_cache: dict[str, str] = {}
+        self.max_pixels = processor_max_pixels(processor)  # images are cached at this budget
 
     def prompt_text(self, prompt: str) -> str:
         text = self._prompt_cache.get(prompt)
@@ -291,7 +404,7 @@ class Encoder:
                  responses: list[str] | None = None, device: str | torch.device = "cpu") -> dict:
         """Batch dict for the model. With `responses`, each row is prompt + response and
         `response_mask` [B, T] marks the response tokens (1) vs prompt/pad (0)."""
-        pil = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
+        pil = [load_image(i, self.max_pixels) if isinstance(i, (str, os.PathLike)) else i for i in images]
         texts = [self.prompt_text(p) for p in prompts]
         if responses is not None:
             texts = [t + r for t, r in zip(texts, responses)]
@@ -340,6 +453,66 @@ class Encoder:
             words = self.tok.decode([t for t in toks if t != self.eos_id], skip_special_tokens=True).strip()
             out.append(words + (EOS if toks and toks[-1] == self.eos_id else ""))
         return out
+
+
+def processor_max_pixels(processor) -> int | None:
+    """The most pixels of an image that the processor keeps (it resizes anything larger down):
+    Qwen-style processors' pixel budget, LLaVA-OneVision's largest anyres grid, a fixed
+    height x width. None when it cannot be told (load_image then uses its default)."""
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None)
+    if size is None:
+        return None
+    get = size.get if hasattr(size, "get") else lambda k: getattr(size, k, None)
+    if "image_grid_thw" in getattr(ip, "model_input_names", ()):  # Qwen: size is in pixels
+        return get("max_pixels") or get("longest_edge")
+    pins = getattr(ip, "image_grid_pinpoints", None)
+    if pins:
+        return max(h * w for h, w in pins)
+    if get("height") and get("width"):
+        return get("height") * get("width")
+    return None
+
+
+LENGTH_FIELDS = ("chosen", "rejected", "answer")  # the responses a row may carry
+
+
+def check_lengths(rows: list[dict], path, processor, max_positions: int, reserve: int = 0) -> None:
+    """Refuse rows of a `safe_io.load_jsonl` file that do not fit the model's context: the chat
+    template, the image's tokens (at the size `load_image` hands the processor), the prompt and
+    each response, plus `reserve` positions (a prompt pool's generation budget). Counted as
+    `Encoder` builds the rows, exactly; raises safe_io.DataError naming file:line and the field.
+    Without it a long row is cut silently or fails deep inside a forward pass."""
+    from safe_io import DataError
+
+    enc = Encoder(processor)
+    probe, budget = enc.prompt_text("x"), image_budget(enc.max_pixels)
+    n_probe = len(enc.tok(probe)["input_ids"])
+    image_id = enc.tok.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<|image_pad|>")
+    # image path -> size the processor gets; size -> (tokens the image adds to the text's, image tokens)
+    size, n_img = {}, {}
+    for r in rows:
+        if r["image"] not in size:
+            with Image.open(r["image"]) as im:  # the header only
+                size[r["image"]] = s = bounded_size(*im.size, budget)
+            if s not in n_img:
+                ids = processor(text=[probe], images=[Image.new("RGB", s)], return_tensors="pt")["input_ids"]
+                n_img[s] = (ids.shape[1] - n_probe, int((ids == image_id).sum()))
+    # per row: (field, text without the image's expansion); one batched tokenizer call for all
+    parts = [[("prompt", enc.prompt_text(r["prompt"]))] for r in rows]
+    for r, ps in zip(rows, parts):
+        ps += [(k, ps[0][1] + r[k]) for k in LENGTH_FIELDS if isinstance(r.get(k), str)]
+    texts = sorted({t for ps in parts for _, t in ps})
+    n_text = dict(zip(texts, map(len, enc.tok(texts, verbose=False)["input_ids"]))) if texts else {}
+    for r, ps in zip(rows, parts):
+        extra, n_image = n_img[size[r["image"]]]
+        for k, t in ps:
+            n = n_text[t] + extra + reserve
+            if n > max_positions:
+                what = "with the chat template" if k == "prompt" else "prompt and response"
+                gen = f", {reserve} kept for generation" if reserve else ""
+                raise DataError(f"{path}:{r.get('_line', '?')}: field '{k}': {n} tokens ({what}, {n_image} image "
+                                f"tokens{gen}), beyond the model's context of {max_positions} positions")
 
 
 def image_features(vlm, batch: dict, rows: list[int]) -> tuple:

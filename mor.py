@@ -22,10 +22,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 import router
-from pipeline import BUCKET_METHODS, CLIENT_NAME, DEFAULT, QUICK, SETTINGS, STAGE_OUTPUT, USER_FAMILY, Run
+from pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, QUICK, SETTINGS, STAGE_OUTPUT, USER_FAMILY, Run,
+                      methods)
+from evaluate import JUDGES
 from report import results_markdown
 from safe_io import atomic_write_json, atomic_write_text
 from stages import STAGES
+
+# The stages whose outputs each stage reads.
+UPSTREAM = {"base": [], "sft": ["base"], "reward": [], "router": ["sft", "reward"],
+            "grpo": ["sft", "reward", "router"], "eval": ["sft", "reward", "grpo"]}
 
 
 def parse_args(argv=None):
@@ -54,12 +60,26 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-lr", type=float, default=1e-3, help="AdamW learning rate of the caption pre-training")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
-                   help="clients' VLM families: heterogeneous (LLaVA-OV / Qwen2.5-VL / Qwen2-VL), "
-                        "homogeneous (all Qwen2-VL, adds FedAvg-RM) or bucket (heterogeneous + a weak "
-                        "fourth client whose preferences are half reversed)")
+                   help="the federation: heterogeneous (the benchmark's three clients on LLaVA-OV / "
+                        "Qwen2.5-VL / Qwen2-VL), homogeneous (all Qwen2-VL, adds FedAvg-RM), bucket "
+                        "(heterogeneous + a weak fourth client), or own (only the clients of --client-data)")
     p.add_argument("--full", action="store_true",
                    help="the main table, then the homogeneous setting, then the bucket effect "
                         f"({BUCKET_METHODS})")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="your own GRPO prompt pool: JSONL with image, prompt (optional: domain, answer; "
+                        "answers on every row enable the oracle row), image paths relative to the file")
+    p.add_argument("--eval", default=None, metavar="FILE",
+                   help="your own evaluation set: JSONL with image, prompt, answer (optional: domain)")
+    p.add_argument("--sft-data", default=None, metavar="FILE",
+                   help="your own public SFT examples for the server's reference: JSONL with image, prompt, "
+                        "answer (optional: domain)")
+    p.add_argument("--judge", choices=sorted(JUDGES), default="exact",
+                   help="E9's judge: exact (one well-formed word equal to the answer) or contains (the "
+                        "answer's words appear in order in the response); see evaluate.py")
+    p.add_argument("--max-new-tokens", type=int, default=4,
+                   help="tokens a policy may write per answer, in GRPO and in evaluation (default %(default)s: "
+                        "the benchmark's one-word answers)")
     p.add_argument("--client-model", action="append", default=[], metavar="NAME=DIR",
                    help="start client NAME's RM from a local checkpoint dir (repeatable)")
     p.add_argument("--client-data", action="append", default=[], metavar="NAME=FILE",
@@ -112,7 +132,7 @@ def parse_args(argv=None):
 
 # Range of every numeric flag: (lowest allowed, whether the lowest is excluded). Checked before any
 # work starts, so a nonsense value is a one-line error naming the flag, never a run that "works".
-INT_AT_LEAST = {"seed": 0, "threads": 1, "workers": 1, "pretrain_steps": 0, "sft_steps": 1, "sft_batch": 1,
+INT_AT_LEAST = {"max_new_tokens": 1, "seed": 0, "threads": 1, "workers": 1, "pretrain_steps": 0, "sft_steps": 1, "sft_batch": 1,
                 "test_per_domain": 1, "rm_sft_steps": 0, "rm_steps": 1, "rm_batch": 1, "rounds": 1,
                 "local_epochs": 1, "router_batch": 1, "router_pairs": 1, "router_hidden": 1, "grpo_steps": 1,
                 "grpo_prompts": 1, "group": 2, "nts_update_steps": 0}
@@ -186,6 +206,11 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
         if not os.path.isdir(path):
             p.error(f"--client-model {kv!r}: directory not found: {path}")
         seen.add(name)
+    for k in ("prompts", "eval", "sft_data"):
+        if getattr(a, k) and not os.path.isfile(getattr(a, k)):
+            p.error(f"{flag(k)} {getattr(a, k)}: file not found")
+    if a.setting == "own" and not user:
+        p.error("--setting own: the federation is the clients you bring; give at least one --client-data NAME=FILE")
     if a.base and not os.path.isdir(a.base):
         p.error(f"--base {a.base}: directory not found")
 
@@ -204,10 +229,25 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
-    # the flags of the latest invocation, for the record (stages already done keep their outputs)
-    atomic_write_json(run.dir / "config.json", vars(a))
+    # The flags of the latest invocation; what each stage actually ran with is added under
+    # "stages" as it completes (Run.record), so config.json never claims a flag a stage ignored.
+    cfg_path = run.dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = {"invocation": vars(a), "stages": cfg.get("stages", {})}
+    atomic_write_json(cfg_path, cfg)
     names = a.stages.split(",")
-    pending = [n for n in names if a.force or not run.done(n)]
+    # A stage runs when --force names it or its output is missing or stale (provenance.py): made
+    # from other flags, another client set or other data than this invocation asks for.
+    pending = [n for n in names if a.force or not run.stage_fresh(n)]
+    for name in pending:  # a stage never reads a stale upstream output that this run will not redo
+        ups = UPSTREAM[name]
+        if name == "grpo" and not any(m.startswith("mor") for m in methods(run)):
+            ups = [u for u in ups if u != "router"]  # only MoR's methods read the router
+        for up in ups:
+            if up not in names and (up != "base" or not a.base) and run.output(up).exists() \
+                    and not run.stage_fresh(up):
+                raise SystemExit(f"[{name}] reads the {up} stage's output, which is stale (the line above "
+                                 f"says why): add {up} to --stages, or use a new --run-dir")
     # The server's base and sft run beside the clients' RMs when all three are still to do
     # (stage_reward); their own times are recorded, and "beside_reward" says how many of the
     # reward stage's seconds they already account for (the run's wall time is the sum minus it).
@@ -224,6 +264,9 @@ def main(argv=None) -> int:
         sub = STAGES[name](run, beside) if name == "reward" else STAGES[name](run)
         for k, v in (sub or {}).items():
             run.record_time(k, v)
+        for k in beside if name == "reward" else []:
+            run.record(k)
+        run.record(name)
         if sub:
             run.record_time("beside_reward", sum(sub.values()))
         # setting-specific stages (reward) are timed per setting: both can live in one run dir

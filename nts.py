@@ -1,20 +1,51 @@
-"""Neural Thompson Sampling over the client reward models (DESIGN E6, E7).
+"""Neural Thompson Sampling over the client reward models (E6) and its bandit feedback (E7).
 
-During GRPO the router becomes a contextual bandit: the arms are the K reward models, the context
-is the routing feature e(x, y) (or its prompt half), and only the chosen arm's RM is evaluated, so
-the reward costs one RM forward whatever K is (hard routing).
+During GRPO the router becomes a contextual bandit: the arms are the K client RMs, the context is
+a prompt's routing feature e (E2, averaged over its G samples), and the chosen arm's RM alone
+scores the prompt's G samples (hard routing: one RM per prompt whatever K is).
 
-  f_k(e)    network score of arm k (initialised from the trained router: f = its logits)
-  g_k       = grad_theta f_k(e)                                   [P]  (P: number of parameters)
-  sigma_k^2 = lambda * nu^2 * sum( g_k^2 / U ) / m               U: diagonal [P], init lambda * 1
-  s_k       ~ N( f_k(e), sigma_k^2 ),   k* = argmax_k s_k                                     (E6)
-  after the step:  U <- U + g_{k*}^2 / m
-                   a few gradient steps on  sum (f_{k*}(e) - b)^2 / 2 + m lambda ||theta - theta_0||^2 / 2
+E6. The posterior is centred on the federated router g_phi, which stays frozen (it is the prior
+mean); what the bandit learns is a residual r_theta that reads the router's hidden layer
+h_phi(e) [m] and starts at exactly zero (its last layer is zero-initialised, theta_0):
 
-m is the network width (the router's hidden size), as in Zhang et al. (2021) "Neural Thompson
-Sampling"; the diagonal U is their practical approximation of the design matrix.
+  f_k(e)    = softmax(g_phi(e))_k + r_theta(h_phi(e))_k      arm score on the feedback's [0, 1] scale
+  g_k(e)    = grad_theta f_k(e) = grad_theta r_theta(.)_k    [P] (P: the residual's parameters)
+  sigma_k^2 = lambda nu^2 sum_p g_k,p^2 / U_p / m            U: diagonal [P], initialised lambda
+  s_k ~ N(f_k(e), sigma_k^2),   k* = argmax_k s_k
+  per feedback triple (e, k, b):  U <- U + g_k(e)^2 / m
+  then a few Adam steps on  sum_{(e, k, b) in replay} (f_k(e) - b)^2 / 2 + m lambda ||theta - theta_0||^2 / 2
 
-E7, the bandit feedback b in {0, 1}, lives in `grpo_feedback`: one function, so it can be swapped.
+m is the residual's width (the router's hidden size), as in Zhang et al. (2021) "Neural Thompson
+Sampling"; the diagonal U is their practical approximation of the design matrix, and the replay
+(the last `buffer` triples) stands for their fit on all past triples (Algorithm 1).
+
+Why this form: the router's logits are defined up to a constant per context and lie several
+units apart, so fitting the chosen logit to b in {0, 1} flipped argmaxes the router had right;
+softmax weights are on b's scale, and a zero residual makes a fresh bandit with nu = 0 exactly
+the router's argmax (static hard routing). The residual reads h_phi(e), the features FedAvg
+learned to tell domains apart, so P is ~m^2 (4k at m = 64) rather than ~m * 2H, and the
+Jacobian and the replay fit cost nothing next to a GRPO step.
+
+E7. The feedback b, one rule per name in FEEDBACK:
+
+  probe (default)  on a share p of the prompts, drawn by a seeded generator, every RM scores the
+                   group and the soft mixture R^mix = sum_k w_k(e) r_k (E3, the federated
+                   router's weights) is the referee; for EVERY arm k
+                     rho_k = Pearson( r^k, R^mix ) over the group's well-formed samples
+                     b_k   = 1[ rho_k >= tau ]        skipped where r^k or R^mix is tied in the group
+                   Pearson of rewards = Pearson of E5's advantages (affine within a group): rho_k
+                   asks whether arm k pushes the group's samples the way the mixture does. Other
+                   prompts give no feedback. RM rows per prompt: (1 + p (K - 1)) G on average.
+  median           b = 1[ gain >= median over the batch's prompts ], gain = J_after - J_before of
+                   the prompt's GRPO objective over the step (kept as an ablation).
+
+Why probe: `median` grades an RM against itself (the step climbed the chosen RM's own
+advantages, so every RM "improves its objective"), and a group with tied rewards has gain
+~ -beta dKL, below the median, so a domain the policy already answers punishes its own expert.
+The probe grades an RM against an independent referee on the same samples, and a tied group
+(no ranking to compare) gives no feedback instead of b = 0. Every arm gets b on a probe prompt:
+its K scores are paid anyway, and K unselected observations remove the selection bias of
+chosen-arm-only feedback.
 """
 
 from __future__ import annotations
@@ -22,106 +53,170 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap
+
+FEEDBACK = ("probe", "median")
 
 
 class NeuralTS:
-    """Thompson sampling with a neural network's gradient features (E6).
+    """Thompson sampling around a frozen router with a zero-initialised residual (E6).
 
-    network: maps contexts [B, D] -> arm scores [B, K] (a trained router, or any MLP); it is
-        copied, so the caller's router is left as it was.
+    network: maps contexts [B, D] -> logits [B, K] and ends with an nn.Linear (a trained Router);
+        it is copied and frozen, so the caller's router is left as it was.
     lam (lambda): prior precision, U's initial value and the weight of the pull towards theta_0.
-        Larger: smaller posterior variance, less exploration, slower drift from the router.
-    nu: scale of the exploration noise (sigma is proportional to nu).
-    width: m; default network.hidden when the network has it, else 64.
-    lr, update_steps: the regularised squared-loss fit after each round of feedback (SGD).
-    Defaults: the best of a small grid on the synthetic bandit of tests/test_nts.py (lambda in
-    {1e-3, 1e-2, 1}, nu in {0.3, 1}); lambda = 1 pinned f to theta_0 and NTS did no better than
-    uniform-random there.
+    nu: scale of the exploration noise (sigma is proportional to nu); 0: no exploration.
+    width: m; default network.hidden when the network has it, else the last layer's input size.
+    lr, update_steps: Adam on the replay objective after each round of feedback; update_steps
+        = 0 never moves theta (with nu = 0: static hard routing).
+    buffer: how many past (context, arm, feedback) triples the fit replays.
+    Adam rather than SGD: its steps do not scale with the router's hidden activations, whose
+    magnitude the federated training decides.
+    Defaults, from a synthetic run of the probe rule (3 context clusters, a router 99.99% right,
+    b ~ Bernoulli(0.95) for the right arm and 0.3 for the others on 4 of 16 prompts, 60 steps):
+    lambda = 1e-3 (m lambda = 0.064) let the 4k-parameter residual memorise each context's noise,
+    and the right-arm share fell to 0.85 at nu = 0; lambda = 1 fits the arm means (0.93 / 0.28)
+    and keeps it at 1.0. nu = 1 spends 30% of prompts on exploration there, nu = 0.3 2%; with
+    every arm graded on probe prompts, exploration buys little.
     """
 
-    def __init__(self, network: torch.nn.Module, lam: float = 1e-3, nu: float = 1.0, width: int | None = None,
-                 lr: float = 0.05, update_steps: int = 10, seed: int = 0):
-        self.net = copy.deepcopy(network).float()
-        self.lam, self.nu, self.lr, self.update_steps = lam, nu, lr, update_steps
-        self.m = width or getattr(network, "hidden", 64)
-        self.names = [n for n, p in self.net.named_parameters() if p.requires_grad]
-        self.theta0 = {n: p.detach().clone() for n, p in self.net.named_parameters() if n in self.names}
-        P = sum(p.numel() for p in self.theta0.values())
-        self.U = torch.full((P,), float(lam))  # diagonal of the design matrix, [P]
+    def __init__(self, network: nn.Module, lam: float = 1.0, nu: float = 0.3, width: int | None = None,
+                 lr: float = 1e-2, update_steps: int = 10, buffer: int = 4096, seed: int = 0):
+        self.router = copy.deepcopy(network).float().eval()
+        self.router.requires_grad_(False)
+        last = [mod for mod in self.router.modules() if isinstance(mod, nn.Linear)]
+        if not last:
+            raise ValueError("NeuralTS: the network must end with an nn.Linear (its input is h_phi)")
+        self._feat = None  # h_phi(e) of the latest router forward, captured by the hook below
+        last[-1].register_forward_hook(lambda mod, inp, out: setattr(self, "_feat", inp[0]))
+        hid, K = last[-1].in_features, last[-1].out_features
+        self.lam, self.nu, self.update_steps, self.buffer = lam, nu, update_steps, buffer
+        self.m = width or getattr(network, "hidden", hid)
+        with torch.random.fork_rng():  # the residual's first layer is drawn from the seed alone
+            torch.manual_seed(seed)
+            self.res = nn.Sequential(nn.Linear(hid, self.m), nn.GELU(), nn.Linear(self.m, K))
+        nn.init.zeros_(self.res[2].weight)
+        nn.init.zeros_(self.res[2].bias)  # r_theta_0 = 0: f starts as the router's softmax
+        self.theta0 = {n: p.detach().clone() for n, p in self.res.named_parameters()}
+        self.U = torch.full((sum(p.numel() for p in self.theta0.values()),), float(lam))  # [P]
         self.gen = torch.Generator().manual_seed(seed)
-        self.opt = torch.optim.SGD([p for n, p in self.net.named_parameters() if n in self.names], lr=lr)
-        self._last, self._version = None, 0  # gradient cache, invalidated by every update
+        self.opt = torch.optim.Adam(self.res.parameters(), lr=lr)
+        # replay: h_phi(e) [n, hid], router softmax of the arm [n], arm [n], feedback [n]
+        self.replay = (torch.empty(0, hid), torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0))
+        self.last_variance = float("nan")  # mean sigma^2 of the latest `select`, for the logs
 
-    # -- per-sample, per-arm gradients: one vectorised Jacobian, no Python loop over B or K ----
-    def _grads(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """contexts [B, D] -> (scores f [B, K], gradients g [B, K, P]). The last result is kept:
-        `update` on the contexts just passed to `select` (the usual call order) reuses it, since
-        theta has not changed in between."""
-        if self._last is not None and self._last[0] is contexts and self._last[1] == self._version:
-            return self._last[2]
-        params = {n: p.detach() for n, p in self.net.named_parameters() if n in self.names}
-        buffers = dict(self.net.named_buffers())
-
-        def f(p, x):  # one context [D] -> scores [K]
-            return functional_call(self.net, {**p, **buffers}, (x.unsqueeze(0),)).squeeze(0)
-
-        jac = vmap(jacrev(f), in_dims=(None, 0))(params, contexts)  # {name: [B, K, *shape]}
-        g = torch.cat([jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1) for n in self.names], -1)
+    def _prior(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """contexts [B, D] -> (router softmax [B, K], h_phi [B, hid]) from one frozen forward."""
         with torch.no_grad():
-            scores = self.net(contexts)
-        self._last = (contexts, self._version, (scores, g))
-        return scores, g
+            w = torch.softmax(self.router(contexts.float()), -1)
+        return w, self._feat.detach()
+
+    def scores(self, contexts: torch.Tensor) -> torch.Tensor:
+        """f(e) [B, K] = softmax(g_phi(e)) + r_theta(h_phi(e))."""
+        w, h = self._prior(contexts)
+        with torch.no_grad():
+            return w + self.res(h)
+
+    def _grads(self, h: torch.Tensor) -> torch.Tensor:
+        """h_phi [B, hid] -> g [B, K, P]: per-context, per-arm gradients of r_theta, one
+        vectorised Jacobian (no Python loop over B or K), parameters in named order."""
+        params = {n: p.detach() for n, p in self.res.named_parameters()}
+
+        def r(p, x):  # one feature vector [hid] -> residual scores [K]
+            return functional_call(self.res, p, (x.unsqueeze(0),)).squeeze(0)
+
+        jac = vmap(jacrev(r), in_dims=(None, 0))(params, h)  # {name: [B, K, *shape]}
+        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], -1)
 
     def posterior(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean f [B, K], variance sigma^2 [B, K]) of every arm for every context."""
-        f, g = self._grads(contexts)
-        var = self.lam * self.nu ** 2 * (g ** 2 / self.U).sum(-1) / self.m  # [B, K]
+        w, h = self._prior(contexts)
+        with torch.no_grad():
+            f = w + self.res(h)
+        var = self.lam * self.nu ** 2 * (self._grads(h) ** 2 / self.U).sum(-1) / self.m
         return f, var
 
-    def select(self, contexts: torch.Tensor, per_batch: bool = False) -> torch.Tensor:
-        """Arm index per context [B] (per query), or the same arm for every row (per batch: one
-        draw on the batch's mean context)."""
-        x = contexts.float().mean(0, keepdim=True) if per_batch else contexts
-        f, var = self.posterior(x)
-        s = f + var.sqrt() * torch.randn(f.shape, generator=self.gen)  # s_k ~ N(f_k, sigma_k^2)
-        arms = s.argmax(-1)
-        return arms.expand(contexts.shape[0]).clone() if per_batch else arms
+    def select(self, contexts: torch.Tensor) -> torch.Tensor:
+        """contexts [B, D] -> arm per context [B]: argmax of one Thompson draw per arm."""
+        f, var = self.posterior(contexts)
+        self.last_variance = var.mean().item()
+        if self.nu == 0:
+            return f.argmax(-1)
+        return (f + var.sqrt() * torch.randn(f.shape, generator=self.gen)).argmax(-1)  # s_k ~ N(f_k, sigma_k^2)
 
     def update(self, contexts: torch.Tensor, arms: torch.Tensor, feedback: torch.Tensor) -> float:
-        """U <- U + g_{k*}^2 / m for every (context, chosen arm), then `update_steps` of SGD on
-        sum (f_{k*}(e) - b)^2 / 2 + m lam ||theta - theta_0||^2 / 2. Returns the final loss."""
-        x, arms, b = contexts, arms.long(), feedback.float()
-        _, g = self._grads(x)
-        g_star = g[torch.arange(len(arms)), arms]  # [B, P]
-        self.U += (g_star ** 2).sum(0) / self.m
-        loss = torch.tensor(0.0)
+        """Triples (contexts [B, D], arms [B], feedback [B]; NaN feedback = none, dropped):
+        U <- U + g_{k}^2 / m for each, append them to the replay, then `update_steps` Adam steps
+        on the replay objective. Returns the objective after the steps (0 without triples)."""
+        keep = torch.isfinite(feedback.float())
+        if not keep.any():
+            return 0.0
+        x, arms, b = contexts[keep], arms[keep].long(), feedback.float()[keep]
+        w, h = self._prior(x)
+        g = self._grads(h)[torch.arange(len(arms)), arms]  # [n, P]
+        self.U += (g ** 2).sum(0) / self.m
+        old = self.replay
+        new = (h, w.gather(1, arms.unsqueeze(1)).squeeze(1), arms, b)
+        self.replay = tuple(torch.cat([o, n])[-self.buffer:] for o, n in zip(old, new))
         for _ in range(self.update_steps):
-            f_star = self.net(x).gather(1, arms.unsqueeze(1)).squeeze(1)
-            reg = sum(((p - self.theta0[n]) ** 2).sum() for n, p in self.net.named_parameters() if n in self.names)
-            loss = ((f_star - b) ** 2).sum() / 2 + self.m * self.lam * reg / 2
+            loss = self._objective()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            # The trained router's logits are several units from b in {0, 1}, and the loss is a
-            # sum over the batch: unclipped SGD at lr 0.05 diverged to NaN on the first update.
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
             self.opt.step()
-        self._version += 1
-        return loss.item()
+        with torch.no_grad():
+            return self._objective().item()
+
+    def _objective(self) -> torch.Tensor:
+        """E6's regularised squared loss over the replay."""
+        h, prior, arms, b = self.replay
+        f = prior + self.res(h).gather(1, arms.unsqueeze(1)).squeeze(1)  # f_{k}(e) [n]
+        reg = sum(((p - self.theta0[n]) ** 2).sum() for n, p in self.res.named_parameters())
+        return ((f - b) ** 2).sum() / 2 + self.m * self.lam * reg / 2
 
     def squared_loss(self, contexts: torch.Tensor, arms: torch.Tensor, feedback: torch.Tensor) -> float:
-        """sum (f_{k*}(e) - b)^2 / 2 (no regulariser): what `update` is meant to lower."""
-        with torch.no_grad():
-            f = self.net(contexts.float()).gather(1, arms.long().unsqueeze(1)).squeeze(1)
+        """sum (f_{k}(e) - b)^2 / 2 (no regulariser) on the given triples."""
+        f = self.scores(contexts).gather(1, arms.long().unsqueeze(1)).squeeze(1)
         return (((f - feedback.float()) ** 2).sum() / 2).item()
 
 
-def grpo_feedback(gain: torch.Tensor) -> torch.Tensor:
-    """E7 (ours; the paper says "binary feedback based on GRPO objective improvement").
+# ----------------------------------------------------------------------------------------------
+# E7: the feedback rules
+# ----------------------------------------------------------------------------------------------
 
-    gain [N]: per prompt, the change of its GRPO objective over the step it was routed for,
-    J_after - J_before, with J = mean over the group of (ratio * A) - beta * KL (grpo.py computes
-    it from one extra no-grad forward of the updated policy). b = 1 where the prompt's gain is at
-    least the batch median, else 0: the arm is credited when its reward moved the policy more than
-    a typical prompt did. Swap this function to try another feedback."""
+
+def probe_feedback(r_arms: torch.Tensor, r_mix: torch.Tensor, valid: torch.Tensor | None = None,
+                   tau: float = 0.5, eps: float = 1e-4) -> torch.Tensor:
+    """E7 probe. r_arms [n, K, G]: every RM's standardised rewards of a probe prompt's G samples;
+    r_mix [n, G]: the referee's (E3 mixture); valid [n, G] bool: the samples to compare (the
+    well-formed ones: format_guard ranks the rest last whatever an RM says). Returns b [n, K]:
+    1 where Pearson(r^k, R^mix) >= tau, 0 below, NaN (no feedback) where r^k or R^mix spans
+    less than eps over the valid samples (tied group, or fewer than two valid samples).
+
+    Pearson rather than "same best sample": groups of one-word answers repeat, so the best
+    sample is often a tie between copies, while Pearson reads the whole ranking and is +-1 when
+    the group holds two distinct answers. tau = 0.5: an arm must explain a quarter of the
+    referee's within-group variance (rho^2 >= 0.25)."""
+    v = (torch.ones_like(r_mix, dtype=torch.bool) if valid is None else valid.bool()).unsqueeze(1)  # [n, 1, G]
+    vf = v.float()
+    mix = r_mix.unsqueeze(1)  # [n, 1, G]
+
+    def centred(x):  # masked centring over the group: [n, *, G]
+        return (x - (x * vf).sum(-1, keepdim=True) / vf.sum(-1, keepdim=True).clamp(min=1)) * vf
+
+    def span(x):  # max - min over the valid samples, -inf when none
+        inf = torch.tensor(float("inf"))
+        return torch.where(v, x, -inf).amax(-1) - torch.where(v, x, inf).amin(-1)
+
+    a, m = centred(r_arms), centred(mix)
+    rho = (a * m).sum(-1) / (a.norm(dim=-1) * m.norm(dim=-1)).clamp_min(1e-12)  # [n, K]
+    tied = (span(r_arms) < eps) | (span(mix) < eps)  # [n, K]
+    b = (rho >= tau).float()
+    return torch.where(tied, torch.full_like(b, float("nan")), b)
+
+
+def median_feedback(gain: torch.Tensor) -> torch.Tensor:
+    """E7 median (the first rule, an ablation). gain [N]: per prompt, J_after - J_before of its
+    GRPO objective over the step it was routed for (J = mean over the group of ratio * A -
+    beta * KL, from one extra no-grad forward of the updated policy). b = 1 where the gain is at
+    least the batch median, else 0; a tied group (A = 0) gets gain ~ -beta dKL, hence b = 0."""
     return (gain >= gain.median()).float()

@@ -18,6 +18,7 @@ import data
 import federated
 import grpo
 import models
+import provenance
 import reward
 import router
 import safe_io
@@ -66,6 +67,8 @@ SETTINGS = {
 # i.e. on its own RM's (mean |margin| 0.26 vs 0.53-0.88), and its large n_k in FedAvg carries
 # that pull to every domain: MoR loses 2.6 points, Avg RM 0.4.
 SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
+# Your own task: no embedded client; the federation is the --client-data clients.
+SETTINGS["own"] = {}
 WEAK_CLIENT, WEAK_FLIP = "noisy", 0.5
 
 
@@ -105,27 +108,176 @@ class Run:
 
     @property
     def fed(self) -> data.Federation:
+        """The embedded benchmark's federation (a pure function of the data seed), with the parts
+        the user replaced by files: --sft-data (public split), --prompts (GRPO pool), --eval
+        (test split, grouped by each row's domain, 'all' without one) and --client-data."""
         if self._fed is None:
-            self._fed = data.build_federation(self.args.seed, test_per_domain=self.args.test_per_domain)
-            if WEAK_CLIENT in SETTINGS[self.args.setting]:
+            a = self.args
+            fed = data.build_federation(a.seed, test_per_domain=a.test_per_domain)
+            if a.setting == "own":
+                fed.clients = {}
+            if WEAK_CLIENT in SETTINGS[a.setting]:
                 # the weak client's questions: the public split's (its labels get flipped below)
-                self._fed.clients[WEAK_CLIENT] = list(self._fed.public)
+                fed.clients[WEAK_CLIENT] = list(fed.public)
             for name in self.user_data:
                 # a user client has pairs, not labelled questions: Run.clients reads its JSONL;
                 # here it only takes its place (and its index k) among the K clients
-                self._fed.clients[name] = []
+                fed.clients[name] = []
+            if a.sft_data:
+                fed.public = safe_io.examples(safe_io.load_jsonl(a.sft_data, "sft"))
+            if a.prompts:
+                fed.pool = safe_io.examples(safe_io.load_jsonl(a.prompts, "prompts"))
+                # gold answers only when every prompt has one: the oracle reward needs them all
+                gold = [e.answer for e in fed.pool]
+                fed.pool_gold = gold if all(gold) else None
+                for e in fed.pool:
+                    e.answer = None  # the trainer never sees an answer
+            if a.eval:
+                test = data.by_domain(safe_io.examples(safe_io.load_jsonl(a.eval, "eval")))
+                fed.test = {d: v[:a.test_per_domain] for d, v in test.items()}
+            self._fed = fed
         return self._fed
+
+    @property
+    def own_task(self) -> bool:
+        """True when the server's data is the user's: the embedded benchmark's gates, chance and
+        blind baselines do not apply."""
+        a = self.args
+        return bool(a.prompts or a.eval or a.sft_data)
 
     def fed_test_size(self) -> dict:
         return {d: len(v) for d, v in self.fed.test.items()}
+
+    # ------------------------------------------------------------------------------------------
+    # Provenance (provenance.py): the inputs each output is made from. Upstream outputs enter as
+    # the digests of *their* inputs, so a change anywhere upstream reaches every output below it.
+    # ------------------------------------------------------------------------------------------
+
+    def data_source(self, flag: str) -> str:
+        """'embedded', or the digest of the user's JSONL file named by --<flag> and its images."""
+        path = getattr(self.args, flag, None)
+        return provenance.data_digest(path) if path else "embedded"
+
+    def base_inputs(self) -> dict:
+        a = self.args
+        if a.base:  # a real checkpoint arrives pre-trained: its files are the input
+            return {"checkpoint": str(Path(a.base).resolve()), "files": provenance.dir_digest(a.base)}
+        return {"stage": "base", "seed": a.seed, "pretrain_steps": a.pretrain_steps, "batch": a.sft_batch,
+                "lr": a.pretrain_lr, "images": PRETRAIN_IMAGES}
+
+    def sft_inputs(self) -> dict:
+        a = self.args
+        return {"stage": "sft", "base": provenance.digest(self.base_inputs()), "seed": a.seed, "steps": a.sft_steps,
+                "batch": a.sft_batch, "lr": a.sft_lr, "data": self.data_source("sft_data")}
+
+    def rm_inputs(self, client: str) -> dict:
+        a = self.args
+        given = dict(kv.split("=", 1) for kv in a.client_model)
+        init = ({"checkpoint": provenance.dir_digest(given[client])} if client in given
+                else {"tiny": self.family(client), "seed": a.seed})
+        if client in self.user_data:
+            src = provenance.data_digest(self.user_data[client])
+        else:
+            src = "embedded, half reversed" if client == WEAK_CLIENT else "embedded"
+        out = {"stage": "reward", "client": client, "init": init, "data": src, "seed": a.seed,
+               "sft_steps": a.rm_sft_steps, "steps": a.rm_steps, "batch": a.rm_batch, "lr": a.rm_lr,
+               "format_share": a.format_share}
+        if a.format_share:  # format pairs are drawn from the public split
+            out["public"] = self.data_source("sft_data")
+        return out
+
+    def rm_digests(self) -> dict:
+        return {k: provenance.digest(self.rm_inputs(k)) for k in self.fed.clients}
+
+    def matrix_inputs(self) -> dict:
+        return {"stage": "reward matrix", "setting": self.args.setting, "rms": self.rm_digests()}
+
+    def router_inputs(self) -> dict:
+        a = self.args
+        return {"stage": "router", "reference": provenance.digest(self.sft_inputs()), "rms": self.rm_digests(),
+                "rounds": a.rounds, "local_epochs": a.local_epochs, "lr": a.router_lr, "batch": a.router_batch,
+                "pairs": a.router_pairs, "route_on": a.route_on, "hidden": a.router_hidden,
+                "fraction": a.client_fraction, "seed": a.seed, "aggregate": getattr(a, "aggregate", "fedavg")}
+
+    def policy_inputs(self, method: str, seed: int) -> dict:
+        a = self.args
+        out = {"stage": "grpo", "method": method, "seed": seed, "reference": provenance.digest(self.sft_inputs()),
+               "prompts": self.data_source("prompts"), "steps": a.grpo_steps, "prompts_per_step": a.grpo_prompts,
+               "group": a.group, "lr": a.grpo_lr, "beta": a.beta, "format_guard": a.format_guard,
+               "max_new_tokens": a.max_new_tokens}
+        if method == "oracle":
+            out["reward"] = "gold answers of the prompt pool"
+        else:
+            out["rms"] = self.rm_digests()
+        if method.startswith("mor"):
+            out["router"] = provenance.digest(self.router_inputs())
+        if method.startswith("mor_nts"):
+            out["nts"] = {k: v for k, v in sorted(vars(a).items()) if k.startswith("nts_")}
+        return out
+
+    def grpo_inputs(self) -> dict:
+        return {"stage": "grpo", "policies": {f"{m}/seed{s}": provenance.digest(self.policy_inputs(m, s))
+                                              for m in methods(self) for s in self.args.seeds}}
+
+    def test_signature(self) -> dict:
+        """What the test split is made of and how it is judged: an evaluation cached under another
+        signature is redone."""
+        a = self.args
+        return {"seed": a.seed, "per_domain": a.test_per_domain, "source": self.data_source("eval"),
+                "n": self.fed_test_size(), "judge": a.judge, "max_new_tokens": a.max_new_tokens}
+
+    def eval_inputs(self) -> dict:
+        return {"stage": "eval", "reference": provenance.digest(self.sft_inputs()), "test": self.test_signature(),
+                "matrix": provenance.digest(self.matrix_inputs()) if self.output("reward").exists() else None,
+                "grpo": provenance.digest(self.grpo_inputs()) if self.output("grpo").exists() else None,
+                "methods": self.args.methods, "seeds": self.args.seeds}
+
+    def fresh(self, output: Path, inputs: dict, what: str) -> bool:
+        """True when `output` exists and was made from `inputs`; else False, with one line saying
+        which input changed (unless the output is simply missing)."""
+        output = Path(output)
+        if not output.exists():
+            return False
+        diff = provenance.changed(provenance.stored(output, self.dir), inputs)
+        if diff:
+            print(f"[{what}] {output} is stale, redoing it: " + "; ".join(diff[:4])
+                  + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""), flush=True)
+        return not diff
+
+    def stage_inputs(self, stage: str) -> dict:
+        return {"base": self.base_inputs, "sft": self.sft_inputs, "reward": self.matrix_inputs,
+                "router": self.router_inputs, "grpo": self.grpo_inputs, "eval": self.eval_inputs}[stage]()
+
+    def stage_fresh(self, stage: str) -> bool:
+        """A stage is done when its output and every per-client / per-(method, seed) output under
+        it are fresh."""
+        if stage == "reward" and not all(self.fresh(self.rm_dir(k), self.rm_inputs(k), f"reward {k}")
+                                         for k in self.fed.clients):
+            return False
+        if stage == "grpo" and not all(self.fresh(policy_dir(self, m, s), self.policy_inputs(m, s), f"grpo {m} s{s}")
+                                       for m in methods(self) for s in self.args.seeds):
+            return False
+        return self.fresh(self.output(stage), self.stage_inputs(stage), stage)
+
+    def record(self, stage: str) -> None:
+        """After a stage: its file output's provenance, and what it ran with into config.json."""
+        inputs = self.stage_inputs(stage)
+        if self.output(stage).is_file():
+            provenance.record_file(self.output(stage), self.dir, inputs)
+        if stage == "reward":
+            inputs = dict(inputs, clients={k: self.rm_inputs(k) for k in self.fed.clients})
+        if stage == "grpo":
+            inputs = dict(inputs, policies={f"{m}/seed{s}": self.policy_inputs(m, s)
+                                            for m in methods(self) for s in self.args.seeds})
+        cfg_path = self.dir / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg.setdefault("stages", {})[stage + ("" if stage in ("base", "sft") else f"-{self.args.setting}")] = inputs
+        atomic_write_json(cfg_path, cfg)
 
     def output(self, stage: str) -> Path:
         # results.json is the main table's (heterogeneous); other settings get results-<setting>.json
         tag = "" if self.args.setting == "heterogeneous" else f"-{self.args.setting}"
         return self.dir / STAGE_OUTPUT[stage].format(setting=self.args.setting, tag=tag)
-
-    def done(self, stage: str) -> bool:
-        return self.output(stage).exists()
 
     def clients(self) -> dict[str, federated.Client]:
         """The federation's members, each handed its own pairs and nothing else.
@@ -166,8 +318,10 @@ class Run:
             return Path(given[client])
         fam = self.family(client)
         out = self.dir / "models" / fam
-        if not out.exists():
+        inputs = {"tiny": fam, "seed": self.args.seed}
+        if not self.fresh(out, inputs, f"models {fam}"):
             with atomic_dir(out) as tmp:
+                provenance.record_dir(tmp, inputs)
                 models.build_tiny(fam, tmp, seed=self.args.seed)
         return out
 
@@ -195,8 +349,13 @@ def methods(run: Run) -> list[str]:
     out = ["oracle", "mor", "mor_nts", "mor_nts_batch", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
     if run.args.setting == "homogeneous":
         out.append("fedavg_rm")
+    if run.fed.pool_gold is None:  # no gold answers in the user's prompt pool: no oracle
+        out.remove("oracle")
     if run.args.methods:
         want = run.args.methods.split(",")
+        if "oracle" in want and "oracle" not in out:
+            raise SystemExit("--methods oracle: the prompt pool has no gold answers (every --prompts row "
+                             "needs an 'answer' for the oracle reward)")
         bad = sorted(set(want) - set(out))
         if bad:
             raise SystemExit(f"--methods: unknown {bad} for the {run.args.setting} setting; choose from {out}")
@@ -210,10 +369,10 @@ def policy_dir(run: Run, method: str, seed: int) -> Path:
 
 
 def grpo_config(run: Run) -> grpo.GRPOConfig:
-    # CLI flags -> the loop's config (clip eps, mu, max new tokens keep grpo.GRPOConfig's defaults)
+    # CLI flags -> the loop's config (clip eps and mu keep grpo.GRPOConfig's defaults)
     a = run.args
     return grpo.GRPOConfig(steps=a.grpo_steps, prompts=a.grpo_prompts, group=a.group, lr=a.grpo_lr, beta=a.beta,
-                           format_guard=a.format_guard)
+                           format_guard=a.format_guard, max_new_tokens=a.max_new_tokens)
 
 
 def weight_sources(run: Run, router_state: dict | None = None) -> dict:

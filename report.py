@@ -157,8 +157,9 @@ def results_markdown(r: dict) -> str:
         overall = sum(accs[d] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
         return f"| {name} | " + " | ".join(f"{100 * accs[d]:.1f}" for d in doms) + f" | {100 * overall:.1f} |"
 
-    lines += [row("chance", r["chance"]), row("blind (question only)", r["blind"]),
-              row("reference (SFT)", r["reference"])]
+    if r.get("chance"):  # the embedded benchmark's soundness rows (not defined on an own task)
+        lines += [row("chance", r["chance"]), row("blind (question only)", r["blind"])]
+    lines += [row("reference (SFT)", r["reference"])]
     out = ["# mor results", "", f"Test questions per domain: {r['eval_questions_per_domain']}; "
            f"data seed {r.get('data_seed')}, GRPO seeds {r['seeds']}. Accuracy in %, greedy answers, exact match.", ""] + lines
     if r.get("methods"):
@@ -203,6 +204,11 @@ def results_markdown(r: dict) -> str:
     if "rm_pair_accuracy" in r:
         out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
                 "row = reward model, column = domain", "", matrix_markdown(r["rm_pair_accuracy"], doms)]
+    if r.get("own_task"):
+        out += ["", "Own task (--prompts / --eval / --sft-data): the embedded benchmark's gates, chance and "
+                "blind rows are not computed" + ("" if "oracle" in r.get("methods", {}) else
+                                                 ", and there is no oracle row (the prompt pool has no gold "
+                                                 "answers)") + f". Judge: {r.get('judge', 'exact')}."]
     if r.get("gates"):
         out += ["", "| gate | value | threshold | |", "|---|---|---|---|"]
         out += [f"| {k} | {g['value']:.3f} | {g['threshold']} | {'PASS' if g['pass'] else 'FAIL'} |"

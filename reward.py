@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+
+from progress import Progress
 
 import data
 import models
@@ -70,7 +71,7 @@ def train_sft(model, encoder: models.Encoder, examples: list[data.Example], step
     batches = models.balanced_batches(examples, batch_size, seed)
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=None)
+    bar = Progress(range(steps), desc=desc, dynamic_ncols=True)
     for _ in bar:
         b = next(batches)
         # chosen = gold answer + end token: the reference must learn to stop after one word,
@@ -272,7 +273,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
     `format_pairs` (data.format_pairs) join the BT batches only: the warm-up learns the client's
     own answers, and the reward statistics describe the client's own pairs.
 
-    tqdm shows the running BT loss and the running pair accuracy on the training batches."""
+    The progress bar shows the running BT loss and the running pair accuracy on the training batches."""
     log = {"sft_loss": [], "loss": [], "train_acc": []}
     if cfg.sft_steps > 0:
         log["sft_loss"] = train_sft(rm.vlm, rm.encoder, warmup_examples(pairs), cfg.sft_steps, cfg.sft_batch,
@@ -280,7 +281,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     batches = models.image_batches([*pairs, *format_pairs], cfg.batch, seed)
     rm.train()
-    bar = tqdm(range(cfg.steps), desc=f"{desc} bt", dynamic_ncols=True, disable=None)
+    bar = Progress(range(cfg.steps), desc=f"{desc} bt", dynamic_ncols=True)
     for _ in bar:
         b = next(batches)
         if cfg.lm_weight > 0:

@@ -1,7 +1,10 @@
 """Crash-safe I/O and validation of what users hand in.
 
-  1. Users' own data: JSONL files (client pairs, prompt pools, evaluation sets, SFT examples),
-     validated row by row so that every error names file:line and the field.
+  1. Users' own data: JSONL files (client pairs, prompt pools, evaluation sets, the server's SFT
+     examples), validated row by row so that every error names file:line and the field. Every
+     image is decoded in full here, once per distinct file, because a file that only *opens*
+     (a truncated JPEG, a PNG with a corrupt data chunk, a 40-megapixel decompression bomb) would
+     otherwise fail or exhaust memory hours later, inside a training worker, with no location.
   2. Crash-safe writes: a temp file beside the target, then a rename (atomic on POSIX). A killed
      run leaves the previous good state or nothing, never half a file. Every stage output and the
      Flower apps' files go through them.
@@ -12,68 +15,151 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 # ----------------------------------------------------------------------------------------------
 # 7. Users' own data: JSONL with validation
 # ----------------------------------------------------------------------------------------------
 
+# kind -> (required fields, optional fields). Optional fields, when present, obey the same rule
+# as required ones (a non-empty string): a null or a number there is a mistake, not "absent".
+# image_id names the image for splits by image (the exported benchmark writes easy-VQA's ids);
+# without it the image's path serves.
 JSONL_KEYS = {"pairs": ("image", "prompt", "chosen", "rejected"), "prompts": ("image", "prompt"),
-              "eval": ("image", "prompt", "answer")}
+              "eval": ("image", "prompt", "answer"), "sft": ("image", "prompt", "answer")}
+JSONL_OPTIONAL = {"pairs": ("domain", "image_id"), "prompts": ("domain", "answer", "image_id"),
+                  "eval": ("domain", "image_id"), "sft": ("domain", "image_id")}
+# Images the models cannot use or that would exhaust memory. A side below 8 px is below any
+# patch size; beyond 20:1 the processors' resize leaves a strip of one patch; 40 megapixels is
+# ~120 MB as RGB, far above what any processor keeps (Qwen2-VL's default cap is 12.8 MP).
+MIN_IMAGE_SIDE = 8
+MAX_ASPECT = 20.0
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class DataError(ValueError):
     """Bad user data; the message names the file, the line and the field."""
 
 
-def load_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
-    """Rows of a user JSONL file of `kind` ('pairs', 'prompts' or 'eval').
+def _check_image(img: Path) -> tuple[int, int] | str:
+    """(width, height) of a sound image file, else the reason it is refused (a string).
 
-    Image paths are relative to the file. Errors name file:line and the field: a line that is not
-    JSON or not an object, a missing or non-string field, an image that is missing or unreadable,
-    chosen == rejected, and an empty file.
+    The size is read from the header before any pixel is decoded, so a bomb is refused without
+    allocating it; then `load()` decodes every pixel (PIL's `verify()` only checks the chunk
+    CRCs of a PNG and reads nothing of a JPEG's scan data)."""
+    try:
+        with warnings.catch_warnings():
+            # the size is checked below, against a lower limit than the one PIL warns at
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(img) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return f"{w}x{h} px is {w * h / 1e6:.0f} megapixels, above the limit of {MAX_IMAGE_PIXELS / 1e6:.0f}"
+                if min(w, h) < MIN_IMAGE_SIDE:
+                    return f"degenerate size {w}x{h} px (a side below {MIN_IMAGE_SIDE} px)"
+                if max(w, h) / min(w, h) > MAX_ASPECT:
+                    return f"extreme aspect ratio {w}x{h} px (beyond {MAX_ASPECT:.0f}:1)"
+                im.load()
+    except Image.DecompressionBombError as e:  # raised by open() beyond twice PIL's own limit
+        return f"a decompression bomb ({e})"
+    except Exception as e:  # PIL raises many types for a corrupt file: OSError, SyntaxError, ...
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return f"unreadable image ({type(e).__name__}{': ' + msg if msg else ''})"
+    return w, h
+
+
+def _decode_line(raw: bytes, where: str, first: bool) -> str:
+    if first and raw.startswith(b"\xef\xbb\xbf"):  # a BOM some editors write: harmless, dropped
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def _row(raw: bytes, where: str, n: int, path: Path, kind: str, checked: dict) -> dict | None:
+    """One line of a JSONL file of `kind` -> its validated row (None for a blank line)."""
+    need, optional = JSONL_KEYS[kind], JSONL_OPTIONAL[kind]
+    line = _decode_line(raw, where, n == 1)
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in need:
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}' (needs {', '.join(need)})")
+    for key in (*need, *(k for k in optional if k in row)):
+        v = row[key]
+        if not isinstance(v, str) or not v.strip():
+            hint = "" if key in need else " when present (omit it otherwise)"
+            raise DataError(f"{where}: field '{key}' must be a non-empty string{hint}, got {json.dumps(v)[:40]}")
+    img = (path.parent / row["image"]).resolve()
+    if img not in checked:  # each distinct file is decoded once per load
+        checked[img] = _check_image(img) if img.is_file() else "file not found"
+    if isinstance(checked[img], str):
+        raise DataError(f"{where}: field 'image': {checked[img]}: {img}")
+    if kind == "pairs" and row["chosen"].strip() == row["rejected"].strip():
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+    return dict(row, image=str(img), _line=n)
+
+
+def load_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
+    """Rows of a user JSONL file of `kind` ('pairs', 'prompts', 'eval' or 'sft', JSONL_KEYS).
+
+    Image paths are relative to the file; each row comes back with 'image' resolved to an
+    absolute path and '_line' (its line number, for errors found later: `models.check_lengths`).
+    Errors name file:line and the field: bytes that are not UTF-8, a line that is not JSON or not
+    an object, a missing field, a field (required or optional) that is not a non-empty string,
+    an image that is missing, does not decode in full, or whose size is degenerate, extremely
+    elongated or absurdly large, chosen == rejected, and an empty file. Each distinct image file
+    is decoded once, however many rows use it.
     """
     if kind not in JSONL_KEYS:
         raise ValueError(f"unknown JSONL kind {kind!r}; one of {sorted(JSONL_KEYS)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in JSONL_KEYS[kind]:
-                if key not in row:
-                    raise DataError(f"{where}: missing field '{key}' (needs {', '.join(JSONL_KEYS[kind])})")
-                if not isinstance(row[key], str) or not row[key].strip():
-                    raise DataError(f"{where}: field '{key}' must be a non-empty string")
-            img = (path.parent / row["image"]).resolve()
-            if not img.is_file():
-                raise DataError(f"{where}: field 'image': file not found: {img}")
-            try:
-                with Image.open(img) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types for a corrupt file
-                raise DataError(f"{where}: field 'image': unreadable image {img} ({type(e).__name__})") from None
-            if kind == "pairs" and row["chosen"].strip() == row["rejected"].strip():
-                raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
-            row = dict(row, image=str(img))
-            rows.append(row)
+    checked: dict[Path, tuple[int, int] | str] = {}  # resolved image path -> size or refusal
+    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # if anything turned it on, a cut file would pass
+    try:
+        # Bytes, decoded line by line: a stray Latin-1 byte then names its line and column
+        # instead of failing the whole file with an offset in bytes from its start.
+        with open(path, "rb") as f:
+            rows = [row for n, raw in enumerate(f, 1) if (row := _row(raw, f"{path}:{n}", n, path, kind, checked))]
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
     if not rows:
         raise DataError(f"{path}: empty file (no rows)")
     return rows
+
+
+def examples(rows: list[dict]) -> list:
+    """`load_jsonl` rows of kind 'prompts', 'eval' or 'sft' -> `data.Example`s, in file order.
+    A row without a domain gets 'all'; without an answer (a prompt pool) None; without an
+    image_id its image path."""
+    from data import Example  # here, not at the top: data.py imports this module
+
+    return [Example(r["image"], r["prompt"], r.get("answer"), r.get("domain", "all"), r.get("image_id", r["image"]))
+            for r in rows]
+
+
+def pairs(rows: list[dict], domain: str = "") -> list:
+    """`load_jsonl` rows of kind 'pairs' -> `data.Pair`s, in file order; a row's own 'domain'
+    field wins over `domain` (a user client passes its name)."""
+    from data import Pair
+
+    return [Pair(r["image"], r["prompt"], r["chosen"], r["rejected"], r.get("domain", domain)) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------

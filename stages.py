@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from progress import PLAIN_ENV, Progress
+
 import data
 import federated
 import grpo
 import models
 import nts
+import provenance
 import reward
 import router
-from evaluate import evaluate, win_rate
+from evaluate import JUDGES, evaluate, win_rate
 from pipeline import (PRETRAIN_IMAGES, SETTINGS, WEAK_CLIENT, Run, grpo_config, make_router, methods,
                       policy_dir, set_seed, trained_methods, weight_sources)
 from report import _chance, _mean_std, _moving_max, gates, matrix_markdown, plots, results_markdown, router_markdown
@@ -46,6 +50,7 @@ def stage_base(run: Run) -> None:
     a = run.args
     set_seed(a.seed)
     with atomic_dir(run.dir / "base_init") as tmp:
+        provenance.record_dir(tmp, run.base_inputs())
         models.build_tiny("qwen2_vl", tmp, seed=a.seed)
         if a.pretrain_steps:
             model, proc = models.load_vlm(tmp, device=run.device)
@@ -72,6 +77,7 @@ def stage_sft(run: Run) -> None:
     # Public split only: the server never sees a client's questions (those stay in clients/).
     losses = train_sft(model, enc, run.fed.public, a.sft_steps, a.sft_batch, a.sft_lr, a.seed)
     with atomic_dir(run.dir / "base") as tmp:
+        provenance.record_dir(tmp, run.sft_inputs())
         model.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
         atomic_write_json(tmp / "sft_log.json", {"loss": losses, "steps": a.sft_steps, "lr": a.sft_lr,
@@ -94,7 +100,7 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
     # Only the upload directory comes back.
     todo = []
     for name in clients:
-        if run.rm_dir(name).exists():  # resume: a finished client is never retrained
+        if not a.force and run.fresh(run.rm_dir(name), run.rm_inputs(name), f"reward {name}"):  # resume
             tqdm.write(f"reward {name}: {run.rm_dir(name)} exists, kept")
         else:
             run.client_init(name)  # built here, once: two workers must not race for one family dir
@@ -139,13 +145,20 @@ def in_workers(fn, jobs: list, workers: int) -> list:
     import multiprocessing as mp
 
     extras = []
-    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init) as pool:
         for line, extra in pool.imap_unordered(fn, jobs):
             tqdm.write(line)
             extras.append(extra)
         pool.close()  # let the workers exit cleanly (the with-block alone would terminate them)
         pool.join()
     return extras
+
+
+def _worker_init() -> None:
+    """Each worker: one torch thread (two 1-thread jobs beat one 2-thread job on 2 cores) and
+    plain progress lines, since two workers' live bars would overwrite each other."""
+    os.environ[PLAIN_ENV] = "1"
+    torch.set_num_threads(1)
 
 
 def server_job(run: Run, stages: list[str]) -> tuple[str, dict]:
@@ -162,6 +175,7 @@ def reward_job(run: Run, client: federated.Client) -> str:
     """E1 for one client: its RM trained on its own pairs from its own VLM, written atomically."""
     set_seed(run.args.seed)
     with atomic_dir(run.rm_dir(client.name)) as tmp:
+        provenance.record_dir(tmp, run.rm_inputs(client.name))
         m = client.train_reward_model(run.client_init(client.name), tmp, run.rm_config(), run.device)
     return (f"reward {client.name} ({m['family']}): held-out pair accuracy {m['heldout_accuracy']:.3f} "
             f"on {m['heldout_pairs']} pairs, {m['seconds']:.0f}s")
@@ -183,7 +197,8 @@ def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
     """E8's parameter-sharing baseline: FedAvg of the client RMs, weights n_k. Its reward stats
     are pooled from the moments each client computes locally (count, sum, sum of squares)."""
     out = run.dir / "clients" / "fedavg_rm"
-    if out.exists():
+    inputs = {"stage": "fedavg_rm", "rms": run.rm_digests()}
+    if not run.args.force and run.fresh(out, inputs, "reward fedavg_rm"):
         return out
     rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
     # theta_FedAvg = sum_k n_k / sum_j n_j * theta_k over backbone and head alike (E4 applied to RMs)
@@ -193,6 +208,7 @@ def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
     rm.std = max(((ss - n * rm.mean ** 2) / max(n - 1, 1)) ** 0.5, 1e-6)
     rm.info = {"client": "fedavg_rm", "family": rm.vlm.config.model_type, "n_pairs": int(sum(c.n for c in clients.values()))}
     with atomic_dir(out) as tmp:
+        provenance.record_dir(tmp, inputs)
         rm.save(tmp)
     return out
 
@@ -210,7 +226,7 @@ def routing_setup(run: Run, on_client=None) -> tuple[dict, torch.nn.Module, floa
     ref, proc = models.load_vlm(run.dir / "base", device=run.device)
     rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
     t = time.time()
-    for c in tqdm(clients.values(), desc="router: clients precompute features and RM scores", disable=None):
+    for c in Progress(clients.values(), desc="router: clients precompute features and RM scores"):
         c.prepare_routing(ref, models.Encoder(proc), rms, a.router_pairs)
         if on_client is not None:
             on_client(c)
@@ -263,7 +279,8 @@ def stage_grpo(run: Run) -> None:
     25 steps each where one 2-thread run took 12.6 s (0.37 vs 0.50 s per step of throughput)."""
     a = run.args
     jobs = [(m, s) for m in methods(run) for s in a.seeds]
-    todo = [(m, s) for m, s in jobs if not policy_dir(run, m, s).exists()]
+    todo = [(m, s) for m, s in jobs
+            if a.force or not run.fresh(policy_dir(run, m, s), run.policy_inputs(m, s), f"grpo {m} s{s}")]
     for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
         tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} exists, kept")
     if a.workers > 1 and len(todo) > 1:
@@ -329,17 +346,22 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     log = grpo.train_grpo(policy, ref, models.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
                           desc=f"grpo {method} s{seed}")
     t_train = time.time() - t
+    if len(set(log["skipped"])) >= a.grpo_steps:  # never report a policy that was not trained
+        raise RuntimeError(f"grpo {method} seed {seed}: all {a.grpo_steps} steps were skipped (non-finite "
+                           "rewards, loss or gradient; the lines above say which); no policy is written")
     # E9 on the test split here, in the worker, rather than in the single-process eval stage:
     # the two workers then share it. Stored with the policy; eval adds the win rate.
-    r = evaluate(policy, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
+    r = evaluate(policy, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}", judge=JUDGES[a.judge],
+                 max_new_tokens=a.max_new_tokens)
     # The policy appears under its final name only when complete: a kill here costs this one
     # (method, seed), and the rerun resumes with it.
     with atomic_dir(out) as tmp:
+        provenance.record_dir(tmp, run.policy_inputs(method, seed))
         policy.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
         atomic_write_json(tmp / "test_eval.json", {"accuracy": r["accuracy"], "correct": r["correct"],
                                                    "malformed_share": r["malformed_share"],
-                                                   "n": run.fed_test_size()})
+                                                   "n": run.test_signature()})
         extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, grpo.NTSReward) else {}
         atomic_write_json(tmp / "grpo_log.json", dict(log, **extra, rm_calls=getattr(fn, "calls", None),
                                                       seconds=round(t_train, 1),
@@ -368,17 +390,21 @@ def nts_summary(fn, fed) -> dict:
 def stage_eval(run: Run) -> None:
     fed = run.fed
     model, proc = models.load_vlm(run.dir / "base", device=run.device)
-    ref = evaluate(model, models.Encoder(proc), fed.test, desc="eval reference")
+    ref = evaluate(model, models.Encoder(proc), fed.test, desc="eval reference", judge=JUDGES[run.args.judge],
+                   max_new_tokens=run.args.max_new_tokens)
     # Gate 1 of the benchmark: a question-only guesser fitted on the public split must sit at
-    # chance, else the table would measure the text shortcut rather than vision (DESIGN 4).
-    blind = data.blind_baseline(fed.public, fed.test)
+    # chance, else the table would measure the text shortcut rather than vision. On the user's own
+    # task neither chance nor the gates are defined: they are the embedded benchmark's checks.
+    own = run.own_task
     results = {
         "domains": list(fed.test),
         "eval_questions_per_domain": {d: len(v) for d, v in fed.test.items()},
         "seeds": run.args.seeds,  # the GRPO seeds every method's mean +/- std is taken over
         "data_seed": run.args.seed,  # split, reference SFT, client RMs and router
-        "chance": {d: _chance(fed.test[d]) for d in fed.test},
-        "blind": blind,
+        "own_task": own,
+        "judge": run.args.judge,
+        "chance": None if own else {d: _chance(fed.test[d]) for d in fed.test},
+        "blind": None if own else data.blind_baseline(fed.public, fed.test),
         "reference": ref["accuracy"],
         "reference_malformed_share": ref["malformed_share"],
         "wall_seconds": run.timings,
@@ -389,7 +415,7 @@ def stage_eval(run: Run) -> None:
         results["setting"], results["rm_pair_accuracy"] = rm["setting"], rm["rm_pair_accuracy"]
     if run.output("grpo").exists():
         results["methods"] = evaluate_methods(run, ref["correct"])
-    results["gates"] = gates(results)
+    results["gates"] = {} if own else gates(results)
     main_table = run.dir / "results.json"
     if WEAK_CLIENT in SETTINGS[run.args.setting] and main_table.exists() and "methods" in results:
         # the bucket effect: the same methods and seeds without the weak client (the main table)
@@ -415,14 +441,15 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             cache = d / "eval.json"
             # cached evaluations are reused only for the same test set (--test-per-domain may differ)
             done = d / "test_eval.json"  # written by the GRPO job on the same test set, if it was
-            if cache.exists() and json.loads(cache.read_text()).get("n") == run.fed_test_size():
+            if cache.exists() and json.loads(cache.read_text()).get("n") == run.test_signature():
                 ev = json.loads(cache.read_text())
             else:
                 r = json.loads(done.read_text()) if done.exists() else {}
-                if r.get("n") != run.fed_test_size():
+                if r.get("n") != run.test_signature():
                     model, proc = models.load_vlm(d, device=run.device)
-                    r = evaluate(model, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}")
-                ev = {"accuracy": r["accuracy"], "malformed_share": r["malformed_share"], "n": run.fed_test_size(),
+                    r = evaluate(model, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}",
+                                 judge=JUDGES[run.args.judge], max_new_tokens=run.args.max_new_tokens)
+                ev = {"accuracy": r["accuracy"], "malformed_share": r["malformed_share"], "n": run.test_signature(),
                       "win_rate": {k: win_rate(r["correct"][k], ref_correct[k]) for k in fed.test}}
                 atomic_write_json(cache, ev)
             log = json.loads((d / "grpo_log.json").read_text())

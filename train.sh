@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # mor: one command for everything.
 #   bash train.sh [mor.py flags]   set up (first time), then run the pipeline on the embedded default
-#   bash train.sh test [pytest args]   set up (first time), then run the test suite
+#   bash train.sh test [pytest args]   set up (first time), then run the fast tests
+#   bash train.sh test -m slow   the slow tier (whole-pipeline runs, kill-and-resume, Flower)
 # Setup: if the current python3 already imports every package mor needs (e.g. a GPU box with its own
 # CUDA torch), it is used as is; otherwise a virtualenv .venv is created from requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-NEEDS="import torch, torchvision, transformers, safetensors, tqdm, pytest, easy_vqa, PIL, numpy"
+NEEDS="import torch, torchvision, transformers, safetensors, tqdm, pytest, easy_vqa, PIL, numpy, matplotlib"
 PY=${MOR_PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ] && .venv/bin/python -c "$NEEDS" 2>/dev/null; then
@@ -36,6 +37,8 @@ fi
 
 if [ "${1:-}" = "test" ]; then
   shift
-  exec "$PY" -m pytest -q tests "$@"
+  # The fast tier unless a marker expression is given (e.g. `bash train.sh test -m slow`).
+  case " $* " in *" -m "*) exec "$PY" -m pytest -q tests "$@" ;; esac
+  exec "$PY" -m pytest -q tests -m "not slow" "$@"
 fi
 exec "$PY" mor.py "$@"

@@ -1,9 +1,11 @@
-"""The router's FedAvg over Flower (flower_fed.py): same numbers as federated.run_rounds, drop-outs,
-rejected replies. Synthetic routing caches (random tensors, D=16, K=3, a few hundred pairs): no VLM.
+"""The router's FedAvg over Flower (flower_app.py, flower_fed.py): same numbers as
+federated.run_rounds, drop-outs, rejected replies. Synthetic routing caches (random tensors, D=16,
+K=3, a few hundred pairs): no VLM.
 
-Fast tests drive the ServerApp's loop with an in-process stand-in for Flower's Grid; the three
-deployment tests share ONE real launch (a SuperLink and three SuperNodes as separate processes),
-since Flower's process start-up is the cost: about 40-60 s on 2 shared cores.
+Fast tests drive the ServerApp's loop with an in-process stand-in for Flower's Grid. The three
+deployment tests (marked slow) share ONE real launch (a SuperLink and three SuperNodes as separate
+processes), since Flower's process start-up is the cost. Faults come from tests/flower_faults.py,
+a ClientApp that wraps the product's handlers; the launch ships it inside the Flower App.
 """
 import json
 import math
@@ -18,9 +20,12 @@ import torch
 flwr = pytest.importorskip("flwr", reason="Flower is optional: pip install -r requirements-flower.txt")
 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import federated  # noqa: E402
+import flower_app  # noqa: E402
+import flower_faults  # noqa: E402
 import flower_fed  # noqa: E402
 import router as routing  # noqa: E402
 
@@ -55,7 +60,7 @@ def _federation(tmp: Path, sizes=(("c0", 300, 320), ("c1", 200, 260), ("c2", 250
     for name, n_rows, n_k in sizes:
         train, held = _tensors(g, n_rows), _tensors(g, 40)
         caches[name] = tmp / "sites" / f"{name}.safetensors"
-        flower_fed.save_routing_cache(caches[name], name, n_k, train, held)
+        flower_app.save_routing_cache(caches[name], name, n_k, train, held)
         c = federated.Client.__new__(federated.Client)
         c.name, c._train, c._routing = name, [None] * n_k, {"train": train, "heldout": held}  # n = n_k
         raw[name] = c
@@ -101,45 +106,45 @@ def test_cache_roundtrip_and_clear_errors(tmp_path):
     g = torch.Generator().manual_seed(1)
     tr = _tensors(g, 50)
     p = tmp_path / "c.safetensors"
-    flower_fed.save_routing_cache(p, "color", 77, tr)
-    c = flower_fed.CachedClient(p)
+    flower_app.save_routing_cache(p, "color", 77, tr)
+    c = flower_app.CachedClient(p)
     assert (c.name, c.n, c.dim, c.num_rms, c.heldout_pairs) == ("color", 77, D, K, 0)
     assert all(torch.equal(a, b) for a, b in zip(c._routing["train"], tr))
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temp file
     with pytest.raises(ValueError, match=r"bad.safetensors: 'train.r_w' has shape \(49, 3\)"):
-        flower_fed.save_routing_cache(tmp_path / "bad.safetensors", "x", 5, (tr[0], tr[1], tr[2][1:], tr[3]))
+        flower_app.save_routing_cache(tmp_path / "bad.safetensors", "x", 5, (tr[0], tr[1], tr[2][1:], tr[3]))
     with pytest.raises(ValueError, match=r"'train.e_l' has non-finite"):
-        flower_fed.save_routing_cache(tmp_path / "nan.safetensors", "x", 5, (tr[0], tr[1] * float("nan"), *tr[2:]))
+        flower_app.save_routing_cache(tmp_path / "nan.safetensors", "x", 5, (tr[0], tr[1] * float("nan"), *tr[2:]))
     with pytest.raises(ValueError, match=r"client name 'a,b' must be"):
-        flower_fed.save_routing_cache(tmp_path / "name.safetensors", "a,b", 5, tr)
+        flower_app.save_routing_cache(tmp_path / "name.safetensors", "a,b", 5, tr)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c.safetensors"]  # refused caches never hit the disk
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"junk.safetensors: not a readable safetensors file"):
-        flower_fed.CachedClient(tmp_path / "junk.safetensors")
+        flower_app.CachedClient(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        flower_fed.CachedClient(tmp_path / "missing.safetensors")
+        flower_app.CachedClient(tmp_path / "missing.safetensors")
 
 
 def test_check_upload_names_client_and_key():
     ref = routing.Router(D, K, HIDDEN).state_dict()
-    flower_fed.check_upload("c0", dict(ref), ref)  # a correct upload passes
+    flower_app.check_upload("c0", dict(ref), ref)  # a correct upload passes
     bad = dict(ref)
     bad["net.0.weigth"] = bad.pop("net.0.weight")
-    with pytest.raises(flower_fed.Rejected, match=r"client c0: wrong keys \(missing \['net.0.weight'\], "
+    with pytest.raises(flower_app.Rejected, match=r"client c0: wrong keys \(missing \['net.0.weight'\], "
                                                   r"unexpected \['net.0.weigth'\]\)"):
-        flower_fed.check_upload("c0", bad, ref)
-    with pytest.raises(flower_fed.Rejected, match=r"client c1: 'net.2.weight' has shape \(3, 31\), expected \(3, 32\)"):
-        flower_fed.check_upload("c1", dict(ref, **{"net.2.weight": ref["net.2.weight"][:, :-1]}), ref)
+        flower_app.check_upload("c0", bad, ref)
+    with pytest.raises(flower_app.Rejected, match=r"client c1: 'net.2.weight' has shape \(3, 31\), expected \(3, 32\)"):
+        flower_app.check_upload("c1", dict(ref, **{"net.2.weight": ref["net.2.weight"][:, :-1]}), ref)
     nan = ref["net.0.bias"].clone()
     nan[3] = float("inf")
-    with pytest.raises(flower_fed.Rejected, match=r"client c2: 'net.0.bias' holds NaN/inf"):
-        flower_fed.check_upload("c2", dict(ref, **{"net.0.bias": nan}), ref)
-    with pytest.raises(flower_fed.Rejected, match=r"client c2: 'feat_std' has dtype torch.float64"):
-        flower_fed.check_upload("c2", dict(ref, feat_std=ref["feat_std"].double()), ref)
-    with pytest.raises(flower_fed.Rejected, match=r"client c2: n_k must be a positive integer, got 0"):
-        flower_fed.check_upload("c2", dict(ref), ref, n_k=0)
-    with pytest.raises(flower_fed.Rejected, match=r"client c2: loss must be a finite number, got nan"):
-        flower_fed.check_upload("c2", dict(ref), ref, loss=float("nan"))
+    with pytest.raises(flower_app.Rejected, match=r"client c2: 'net.0.bias' holds NaN/inf"):
+        flower_app.check_upload("c2", dict(ref, **{"net.0.bias": nan}), ref)
+    with pytest.raises(flower_app.Rejected, match=r"client c2: 'feat_std' has dtype torch.float64"):
+        flower_app.check_upload("c2", dict(ref, feat_std=ref["feat_std"].double()), ref)
+    with pytest.raises(flower_app.Rejected, match=r"client c2: n_k must be a positive integer, got 0"):
+        flower_app.check_upload("c2", dict(ref), ref, n_k=0)
+    with pytest.raises(flower_app.Rejected, match=r"client c2: loss must be a finite number, got nan"):
+        flower_app.check_upload("c2", dict(ref), ref, loss=float("nan"))
 
 
 @pytest.fixture
@@ -153,12 +158,13 @@ def task_identity():
 
 
 class InProcessGrid:
-    """Stand-in for Flower's Grid: a pushed message is handled at once by flower_fed.client_app with
-    the node's own Context (its node-config names its cache), as a SuperNode would. `silent` nodes
-    answer the handshake, then never a training message (a site that hangs or crashes mid-run)."""
+    """Stand-in for Flower's Grid: a pushed message is handled at once by the ClientApp `app` with
+    the node's own Context (its node-config names its cache), as a SuperNode would. `down`:
+    {node: {round: how}} for a site that answers the handshake, then in that round never answers
+    ("silent": hung or crashed) or is answered for by the SuperLink ("unavailable": offline)."""
 
-    def __init__(self, caches: dict, run_config: dict, faults: dict | None = None, silent=()):
-        self.ctx, self.names, self.silent, self.replies = {}, {}, set(silent), {}
+    def __init__(self, caches: dict, run_config: dict, faults: dict | None = None, app=flower_app.client_app):
+        self.ctx, self.names, self.down, self.replies, self.app = {}, {}, {}, {}, app
         for i, (name, path) in enumerate(caches.items(), start=11):
             cfg = {"routing-cache": str(path), **({"fault": faults[name]} if faults and name in faults else {})}
             self.ctx[i] = Context(run_id=1, node_id=i, node_config=cfg, state=RecordDict(), run_config=run_config)
@@ -172,10 +178,15 @@ class InProcessGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # as the real Grid does
             ids.append(m.metadata.message_id)
-            if m.metadata.dst_node_id in self.silent and m.metadata.message_type == "train":
+            how = self.down.get(m.metadata.dst_node_id, {}).get(m.metadata.group_id)
+            if how == "silent":
+                continue
+            if how == "unavailable":  # what the SuperLink answers once a node missed its heartbeats
+                self.replies[m.metadata.message_id] = Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
+                                                                    reason="Node Unavailable"), reply_to=m)
                 continue
             try:
-                rep = flower_fed.client_app(m, self.ctx[m.metadata.dst_node_id])
+                rep = self.app(m, self.ctx[m.metadata.dst_node_id])
             except Exception as e:  # the runtime turns a ClientApp exception into an error reply
                 rep = Message(Error(code=0, reason=repr(e)), reply_to=m)
             self.replies[m.metadata.message_id] = rep
@@ -187,7 +198,7 @@ class InProcessGrid:
 
 def _server_cfg(man, tmp, **kw):
     m = flower_fed.load_manifest(man)
-    cfg = flower_fed.FedConfig(clients=",".join(m["clients"]), init_path=str(m["init"]), dim=D, num_rms=K,
+    cfg = flower_app.FedConfig(clients=",".join(m["clients"]), init_path=str(m["init"]), dim=D, num_rms=K,
                                out_path=str(tmp / "out.safetensors"), summary_path=str(tmp / "out.json"),
                                progress_path=str(tmp / "out.jsonl"), hidden=HIDDEN, lr=1e-2, local_epochs=2,
                                round_timeout=5.0, node_wait_timeout=1.0, poll_interval=0.01, token="t")
@@ -201,7 +212,7 @@ def test_server_loop_equals_run_rounds_with_client_sampling(tmp_path, task_ident
     participants, and the final evaluate gives each client's in-process held-out accuracy."""
     man, raw, init = _federation(tmp_path)
     cfg, m = _server_cfg(man, tmp_path, rounds=4, fraction=0.67)
-    summary = flower_fed.run_federation(InProcessGrid(m["caches"], cfg.to_run_config()), cfg)
+    summary = flower_app.run_federation(InProcessGrid(m["caches"], cfg.to_run_config()), cfg)
     want, log = _in_process(raw, init, rounds=4, fraction=0.67)
     got = load_file(cfg.out_path)
     assert flower_fed.max_abs_diff(got, want) <= 1e-5
@@ -219,12 +230,14 @@ def test_server_loop_equals_run_rounds_with_client_sampling(tmp_path, task_ident
 def test_server_loop_drops_silent_and_corrupt_clients_and_enforces_min_clients(tmp_path, task_identity):
     man, raw, init = _federation(tmp_path)
     cfg, m = _server_cfg(man, tmp_path, rounds=2, round_timeout=0.5, evaluate=False)
-    grid = InProcessGrid(m["caches"], cfg.to_run_config(), faults={"c2": "nan@0,bad-shape@1"})
-    grid.silent.add(grid.names["c1"])  # c1 never answers: a crashed site, seen only through the timeout
-    summary = flower_fed.run_federation(grid, cfg)
+    grid = InProcessGrid(m["caches"], cfg.to_run_config(), faults={"c2": "nan@0,bad-shape@1"}, app=flower_faults.app)
+    # c1 crashed: in round 0 it is seen only through the timeout, in round 1 the SuperLink says it is offline
+    grid.down[grid.names["c1"]] = {"0": "silent", "1": "unavailable"}
+    summary = flower_app.run_federation(grid, cfg)
     r0, r1 = summary["rounds"]
     assert r0["clients"] == r1["clients"] == ["c0"]
     assert "no reply within 0.5s" in r0["dropped"]["c1"]
+    assert r1["dropped"]["c1"].startswith("SuperNode offline") and r1["dropped"]["c1"].endswith("during the round")
     assert "client c2" in r0["dropped"]["c2"] and "holds NaN/inf" in r0["dropped"]["c2"]
     assert "client c2" in r1["dropped"]["c2"] and "has shape" in r1["dropped"]["c2"]
     want, _ = _in_process(raw, init, rounds=2, fail={"c1": (0, 1), "c2": (0, 1)})
@@ -232,9 +245,52 @@ def test_server_loop_drops_silent_and_corrupt_clients_and_enforces_min_clients(t
     # the same failures with min_clients=2: the first round cannot complete, and the run says why
     cfg.min_clients, cfg.token = 2, "t2"
     with pytest.raises(RuntimeError, match=r"round 0: 1 valid reply \(\['c0'\]\), fewer than min-clients=2"):
-        flower_fed.run_federation(grid, cfg)
+        flower_app.run_federation(grid, cfg)
     s = json.loads(Path(cfg.summary_path).read_text())
     assert s["status"] == "failed" and "min-clients=2" in s["error"]
+
+
+def test_prepare_writes_out_what_routing_setup_computes(tmp_path, monkeypatch):
+    """prepare is stages.routing_setup with a cache written per client as its precompute finishes
+    (on_client), then the initial router and the manifest with mor.py's router sizes."""
+    import pipeline
+    import stages
+    run_dir, written = tmp_path / "run", []
+    for need in [run_dir / "base", *(run_dir / "clients" / k / f"reward-{fam}"
+                                     for k, fam in pipeline.SETTINGS["heterogeneous"].items())]:
+        need.mkdir(parents=True)
+    _, raw, init = _federation(tmp_path)
+    raw = {new: raw[old] for new, old in zip(pipeline.SETTINGS["heterogeneous"], raw)}
+    model = routing.Router(D, K, HIDDEN)
+    model.load_state_dict(init)
+
+    def routing_setup(run, on_client=None):
+        for name, c in raw.items():
+            c.name = name
+            on_client(c)
+            written.append(sorted(p.name for p in (run.dir / "flower" / "heterogeneous" / "clients").iterdir()))
+        return raw, model, 0.5
+
+    monkeypatch.setattr(stages, "routing_setup", routing_setup)
+    man = flower_fed.load_manifest(
+        flower_fed.prepare(run_dir, "heterogeneous", ["--rounds", "7", "--router-hidden", str(HIDDEN)]))
+    names = list(raw)
+    assert written == [sorted(f"{n}.safetensors" for n in names[:i + 1]) for i in range(len(names))]
+    assert man["clients"] == names and man["config"]["rounds"] == 7 and man["config"]["hidden"] == HIDDEN
+    for name, c in raw.items():
+        cached = flower_app.CachedClient(man["caches"][name])
+        assert cached.n == c.n and all(torch.equal(a, b) for a, b in zip(cached._routing["train"], c._routing["train"]))
+    assert flower_fed.max_abs_diff(load_file(str(man["init"])), init) == 0
+
+
+def test_write_app_ships_another_client_app(tmp_path):
+    """The launcher's generic hook: any ClientApp ("module:attribute") with its module shipped."""
+    app = flower_fed.write_app(tmp_path / "app", "flower_faults:app", [flower_faults.__file__])
+    shipped = {p.name for p in app.glob("*.py")}
+    assert {"flower_app.py", "flower_faults.py", "federated.py", "router.py", "safe_io.py"} <= shipped
+    assert "flower_fed.py" not in shipped  # one-way: the apps never import the launcher
+    text = (app / "pyproject.toml").read_text()
+    assert 'clientapp = "flower_faults:app"' in text and 'serverapp = "flower_app:server_app"' in text
 
 
 def test_missing_flwr_prints_one_install_line():
@@ -250,14 +306,18 @@ def test_missing_flwr_prints_one_install_line():
 # Real deployment: one launch shared by (a), (b), (c)
 # ----------------------------------------------------------------------------------------------
 
-ROUND_TIMEOUT = 30.0  # > a normal round on 2 loaded cores (~10-15 s), the wait for the crashed site
+# Longer than Flower's heartbeat patience (a crashed SuperNode is declared offline 37.5-60 s after
+# the crash), so the crashed site's round ends when the SuperLink says so, and far longer than a
+# normal round, even on 2 cores shared with other jobs (10-30 s).
+ROUND_TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """SuperLink + SuperNodes c0, c1, c2 as separate processes, 2 rounds, E=2, every client sampled:
        round 0  c2 uploads a renamed key (fault bad-keys@0)         -> rejected, c0 + c1 aggregated
-       round 1  c1 hangs (sleep@1) and the test SIGKILLs its SuperNode -> c0 + c2 aggregated at the deadline
+       round 1  c1 would hang (sleep@1); the test SIGKILLs its SuperNode as the round starts -> c0 + c2
+                aggregated once the SuperLink declares c1 offline (missed heartbeats)
     min_clients=2, so each round completes only with both survivors."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("flower")
@@ -265,7 +325,7 @@ def deployed(tmp_path_factory):
     killed = {}
 
     def during(fed, cfg):  # runs while `flwr run` streams: kill c1's site once round 0 is logged
-        progress, deadline = Path(cfg.progress_path), time.monotonic() + 150
+        progress, deadline = Path(cfg.progress_path), time.monotonic() + 200
         while time.monotonic() < deadline and fed.run_proc.poll() is None:
             if progress.is_file() and progress.read_text().strip():
                 fed.kill_node("c1")
@@ -274,15 +334,14 @@ def deployed(tmp_path_factory):
             time.sleep(0.1)
         raise AssertionError(f"round 0 never finished; see {tmp / 'logs'}")
 
-    t = time.perf_counter()
     summary = flower_fed.launch(man, overrides=dict(rounds=2, min_clients=2, round_timeout=ROUND_TIMEOUT,
-                                                    evaluate=False),
-                                faults={"c1": "sleep@1", "c2": "bad-keys@0"}, timeout=240, verbose=False,
-                                during=during)
-    return {"summary": summary, "raw": raw, "init": init, "killed": killed, "dir": tmp,
-            "seconds": time.perf_counter() - t}
+                                                    evaluate=False), timeout=330, verbose=False, during=during,
+                                client_app="flower_faults:app", extra_modules=[flower_faults.__file__],
+                                node_config={"c1": {"fault": "sleep@1"}, "c2": {"fault": "bad-keys@0"}})
+    return {"summary": summary, "raw": raw, "init": init, "killed": killed, "dir": tmp}
 
 
+@pytest.mark.slow
 def test_a_flower_router_equals_in_process_run_rounds(deployed):
     s = deployed["summary"]
     want, log = _in_process(deployed["raw"], deployed["init"], rounds=2, fail={"c2": (0,), "c1": (1,)})
@@ -295,20 +354,23 @@ def test_a_flower_router_equals_in_process_run_rounds(deployed):
     assert {c: v["n_k"] for c, v in s["handshake"].items()} == {"c0": 320, "c1": 260, "c2": 250}
 
 
+@pytest.mark.slow
 def test_b_killed_supernode_round_completes_with_survivors(deployed):
     s = deployed["summary"]
     assert deployed["killed"]["status"] is not None  # the SuperNode process is gone (SIGKILL)
     r1 = s["rounds"][1]
     assert r1["clients"] == ["c0", "c2"] and list(r1["dropped"]) == ["c1"]
-    assert f"no reply within {ROUND_TIMEOUT:g}s" in r1["dropped"]["c1"]
+    assert r1["dropped"]["c1"] == flower_app.OFFLINE + " during the round"
+    # heartbeats every 17.5-22.5 s, offline 60 s after the last one; the ServerApp looks every second
+    assert 35 < r1["seconds"] < 75, r1["seconds"]
     log = (deployed["dir"] / "logs" / "serverapp.log").read_text()  # the ServerApp's streamed log
-    assert "round   1: routing loss" in log and "dropped c1: no reply within" in log
+    assert "round   1: routing loss" in log and "dropped c1: SuperNode offline" in log
     assert math.isfinite(r1["loss"])
 
 
+@pytest.mark.slow
 def test_c_wrong_keys_reply_is_rejected_with_clear_message(deployed):
     r0 = deployed["summary"]["rounds"][0]
     assert r0["clients"] == ["c0", "c1"] and list(r0["dropped"]) == ["c2"]
     why = r0["dropped"]["c2"]
     assert why.startswith("rejected: client c2: wrong keys (missing ['") and "_typo'])" in why
-    assert deployed["seconds"] < 150  # the whole deployment, start to teardown

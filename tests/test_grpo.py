@@ -1,12 +1,15 @@
-"""GRPO (E5): advantages, k3 KL and the clipped loss against hand computations."""
+"""GRPO (E5): advantages, k3 KL and the clipped loss against hand computations; the hard-routed
+rewards (mor_hard, NTS E6-E7) with fake RMs."""
 import copy
 import math
 
 import pytest
 import torch
 
-import models
+import data
 import grpo
+import models
+import nts
 import router
 
 
@@ -130,6 +133,29 @@ def test_grpo_steps_raise_the_reward(policy, fed):
     assert all(math.isfinite(x) for x in log["loss"] + log["kl"])
 
 
+def test_train_grpo_computes_the_objective_gain_only_for_a_reward_that_needs_it(policy, fed):
+    """E7 wiring: the median rule gets each prompt's gain [N] (one extra forward), the probe
+    rule gets None after the policy step."""
+    vlm, enc = policy
+
+    class Spy:
+        def __init__(self, needs_gain):
+            self.needs_gain, self.got = needs_gain, []
+
+        def __call__(self, images, prompts, responses, e):
+            return torch.tensor([float(len(r)) for r in responses])
+
+        def feedback(self, gain):
+            self.got.append(gain)
+
+    cfg = grpo.GRPOConfig(steps=1, prompts=3, group=2, max_new_tokens=2, lr=1e-5)
+    for needs in (True, False):
+        spy = Spy(needs)
+        grpo.train_grpo(copy.deepcopy(vlm), copy.deepcopy(vlm), enc, fed.pool[:6], spy, cfg, seed=0)
+        assert len(spy.got) == 1
+        assert (spy.got[0].shape == (3,)) if needs else spy.got[0] is None
+
+
 def test_repeated_samples_are_scored_once():
     class FakeRM:
         rows = []
@@ -149,3 +175,120 @@ def test_repeated_samples_are_scored_once():
     src = grpo.MixedReward([rm, FakeRM()], router.single_rm(0, 2))
     src(["a.png"] * 4, ["q"] * 4, resp, torch.zeros(4, 2))
     assert src.calls == [2, 0]  # the zero-weight RM is never run
+
+
+# ----------------------------------------------------------------------------------------------
+# Hard routing (mor_hard) and NTS (E6-E7) with fake RMs: who scores which row, and the feedback
+# ----------------------------------------------------------------------------------------------
+
+class CountingRM:
+    """Scores a one-word answer by a table; records the rows of every call."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def score(self, images, prompts, responses):
+        self.calls.append(list(zip(prompts, responses)))
+        return torch.tensor([self.table[data.extract_answer(r)] for r in responses])
+
+    def standardized(self, r):
+        return r
+
+
+def _routing_setup(N=6, G=4, D=4, seed=0):
+    torch.manual_seed(seed)
+    src = router.Router(D, 2, hidden=8)
+    e = torch.randn(N, 1, D).expand(N, G, D).reshape(N * G, D)  # one context per prompt
+    words = ["red", "blue", "green", "red"]
+    prompts = [f"q{i}" for i in range(N) for _ in range(G)]
+    responses = [w + data.EOS for _ in range(N) for w in words]
+    return src, e, ["img"] * (N * G), prompts, responses
+
+
+TABLE = {"red": 1.0, "blue": 0.0, "green": 0.5}
+
+
+def test_hard_routing_scores_each_rm_on_its_routed_rows_only():
+    src, e, images, prompts, responses = _routing_setup()
+    rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()}), CountingRM(TABLE)]  # K = 3
+    src = router.Router(4, 3, hidden=8)
+    fn = grpo.HardReward(rms, src, 4, domains={"q0": "color"})
+    r = fn(images, prompts, responses, e)
+    arms = src(e.view(6, 4, -1).mean(1)).argmax(-1)
+    for k, rm in enumerate(rms):
+        mine = {f"q{i}" for i in range(6) if arms[i] == k}
+        # one batched call per RM that has rows, none for an RM without rows
+        assert len(rm.calls) == (1 if mine else 0)
+        assert {p for c in rm.calls for p, _ in c} == mine
+        assert fn.calls[k] == 3 * len(mine)  # "red" twice per group: 3 distinct rows per prompt
+    sign = torch.tensor([1.0, -1.0, 1.0])[arms].repeat_interleave(4)
+    assert torch.equal(r, sign * torch.tensor([1.0, 0.0, 0.5, 1.0]).repeat(6))
+    assert [x["arm"] for x in fn.log] == arms.tolist() and fn.log[0]["domain"] == "color"
+    assert fn.log[1]["domain"] is None and all(x["spread"] == 1.0 and not x["probe"] for x in fn.log)
+
+
+def _nts_reward(rms, src, **kw):
+    ts = nts.NeuralTS(src, nu=0.0)
+    return grpo.NTSReward(rms, ts, 4, **kw), ts
+
+
+def test_nts_probe_scores_every_rm_once_and_grades_them_against_the_mixture():
+    src, e, images, prompts, responses = _routing_setup()
+    with torch.no_grad():  # the referee trusts RM 0: mixture weights ~ (1, 0)
+        src.net[2].weight.zero_()
+        src.net[2].bias.copy_(torch.tensor([8.0, 0.0]))
+    responses[4:8] = ["red" + data.EOS] * 4  # prompt 1: a tied group, no feedback
+    rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()})]  # RM 1 reverses RM 0
+    fn, ts = _nts_reward(rms, src, probe=1.0)  # every prompt is a probe
+    r = fn(images, prompts, responses, e)
+    assert [len(rm.calls) for rm in rms] == [1, 1] and fn.calls == [6 * 3 - 2, 6 * 3 - 2]
+    w = src.weights(e)[:, 0]
+    r0 = torch.tensor([TABLE[data.extract_answer(o)] for o in responses])
+    assert torch.allclose(r, w * r0 + (1 - w) * -r0)  # probe prompts get R^mix (E3)
+    assert fn.needs_gain is False
+    fn.feedback(None)
+    assert [x["b"] for x in fn.log] == [1.0, None, 1.0, 1.0, 1.0, 1.0]  # the drawn arm is RM 0
+    assert fn.log[0]["b_arms"] == [1.0, 0.0] and fn.log[1]["b_arms"] == [None, None]
+    assert len(ts.replay[3]) == 5 * 2  # all arms of the five untied probe prompts
+    assert fn.history[-1]["feedback"] == 1.0 and all(x["probe"] for x in fn.log)
+
+
+def test_nts_probe_draws_are_seeded_and_non_probe_prompts_give_no_feedback():
+    src, e, images, prompts, responses = _routing_setup(N=16)
+    draws = []
+    for _ in range(2):
+        fn, ts = _nts_reward([CountingRM(TABLE), CountingRM(TABLE)], src, probe=0.25, seed=3)
+        for _ in range(5):
+            fn(images, prompts, responses, e)
+            fn.feedback(None)
+        draws.append([x["probe"] for x in fn.log])
+    assert draws[0] == draws[1] and 12 <= sum(draws[0]) <= 28  # E = 0.25 * 80 = 20
+    assert all((x["b"] is None) == (not x["probe"]) for x in fn.log)
+    assert [x["step"] for x in fn.log] == [s for s in range(5) for _ in range(16)]
+    # rows: the drawn arm's 3 distinct rows per prompt + the other arm's on probe prompts
+    assert sum(fn.calls) == 3 * (80 + sum(draws[1]))
+
+
+def test_nts_median_rule_updates_the_drawn_arms_with_the_gain():
+    src, e, images, prompts, responses = _routing_setup()
+    rms = [CountingRM(TABLE), CountingRM(TABLE)]
+    fn, ts = _nts_reward(rms, src, feedback="median")
+    arms = src(e.view(6, 4, -1).mean(1)).argmax(-1)
+    fn(images, prompts, responses, e)
+    assert fn.needs_gain and sum(fn.calls) == 6 * 3  # no probes: one RM per prompt
+    fn.feedback(torch.tensor([0.3, -0.1, 0.0, 0.5, 0.1, 0.2]))
+    assert [x["b"] for x in fn.log] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # median of 6: the lower middle, 0.1
+    assert torch.equal(ts.replay[2], arms)
+    with pytest.raises(ValueError, match="per-batch"):
+        grpo.NTSReward(rms, ts, 4, per_batch=True)
+    with pytest.raises(ValueError, match="feedback"):
+        grpo.NTSReward(rms, ts, 4, feedback="gain")
+
+
+def test_own_share_over_the_first_and_last_steps():
+    log = [{"step": s, "domain": d, "arm": a} for s, d, a in
+           [(0, "color", 0), (0, "shape", 0), (1, "color", 1), (1, "shape", 1), (2, "color", 0), (2, "shape", 1)]]
+    share = grpo.own_share(log + [{"step": 2, "domain": None, "arm": 0}], {"color": 0, "shape": 1, "position": 2},
+                           first=2, last=1)
+    assert share == {"color": {"start": 0.5, "end": 1.0}, "shape": {"start": 0.5, "end": 1.0},
+                     "position": {"start": None, "end": None}}

@@ -214,3 +214,30 @@ def test_router_weights_are_checked_before_they_are_loaded(tmp_path):
     (tmp_path / "router.pt").write_bytes(good.read_bytes())
     with pytest.raises(ValueError, match="must be a .safetensors file"):
         router.load_state(tmp_path / "router.pt", model)
+
+
+class _NoJudge(Client):
+    def judge(self, *a, **k):
+        raise ConnectionError("judge went offline")
+
+
+def test_crossval_rounds_log_their_evidence_and_survive_a_failing_judge(capsys):
+    clients = [_synthetic_client(k) for k in range(K)]
+    make = lambda: router.Router(D, K, hidden=16)  # noqa: E731
+    with pytest.raises(ValueError, match="unknown aggregation rule 'mean'"):
+        run_rounds(make(), make, clients, rounds=1, local_epochs=1, lr=1e-2, batch_size=64, aggregate="mean")
+    # one client per round: no one else judges its upload, so it is kept and crossval is fedavg
+    runs = {}
+    for rule in ("fedavg", "crossval"):
+        torch.manual_seed(0)
+        runs[rule] = make()
+        log = run_rounds(runs[rule], make, [_synthetic_client(k) for k in range(K)], rounds=3, local_epochs=1,
+                         lr=1e-2, batch_size=64, fraction=0.34, seed=1, aggregate=rule)
+    assert all(e["rejected"] == [] and math.isnan(next(iter(e["crossval"].values()))) for e in log)
+    assert all(torch.equal(v, runs["fedavg"].state_dict()[k]) for k, v in runs["crossval"].state_dict().items())
+    # a judge that fails is logged and has no say; the round goes on
+    clients[2].__class__ = _NoJudge
+    log = run_rounds(make(), make, clients, rounds=1, local_epochs=1, lr=1e-2, batch_size=64, aggregate="crossval")
+    assert "judge d2 gave no scores (ConnectionError: judge went offline)" in capsys.readouterr().out
+    assert sorted(log[0]["clients"]) == ["d0", "d1", "d2"]
+    assert all(math.isfinite(v) for v in log[0]["crossval"].values())  # d2 judged by d0 and d1

@@ -1,6 +1,8 @@
-"""FedVPA-GP (vpa.py, V1-V7): Gumbel-Softmax, KL, orthogonal loss, mixture prior, federated
-training on a synthetic two-group problem, the MoR scoring interface. Synthetic features only:
-nothing here needs runs/default."""
+"""FedVPA-GP (vpa_model.py V1-V8, vpa.py): Gumbel-Softmax, the ELBO terms by hand, orthogonal
+loss, the mixture prior and its warm-up, a constructed rich-get-richer collapse, federated
+training on a synthetic two-group problem, the MoR scoring interface and its save/load, a
+client's VPA RM built from pairs through a tiny reference VLM. Nothing here needs runs/default."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -9,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import models
 import reward
 import vpa
+import vpa_model as vm
 
 torch.set_num_threads(1)
 
@@ -19,23 +23,22 @@ torch.set_num_threads(1)
 
 def test_gumbel_softmax_shapes_and_one_hot():
     logits = torch.randn(5, 3, 4)
-    z, q = vpa.gumbel_softmax(logits, tau=0.7, hard=True, generator=torch.Generator().manual_seed(0))
+    z, q = vm.gumbel_softmax(logits, tau=0.7, hard=True, generator=torch.Generator().manual_seed(0))
     assert z.shape == q.shape == (5, 3, 4)
     assert torch.all((z == 0) | (z == 1)) and torch.allclose(z.sum(-1), torch.ones(5, 3))
     assert torch.allclose(q, F.softmax(logits, -1))
-    soft, _ = vpa.gumbel_softmax(logits, tau=0.7, hard=False, generator=torch.Generator().manual_seed(0))
+    soft, _ = vm.gumbel_softmax(logits, tau=0.7, hard=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(z.argmax(-1), soft.argmax(-1))  # same noise: the hard sample is the soft one's argmax
     with pytest.raises(ValueError, match="temperature"):
-        vpa.gumbel_softmax(logits, tau=0.0)
+        vm.gumbel_softmax(logits, tau=0.0)
 
 
 def test_gumbel_softmax_straight_through_gradient_is_the_soft_gradient():
-    torch.manual_seed(0)
-    w = torch.randn(6, 5)  # any downstream use of the sample
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))  # any downstream use of the sample
     grads = {}
     for hard in (True, False):
         logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        z, _ = vpa.gumbel_softmax(logits, tau=0.5, hard=hard, generator=torch.Generator().manual_seed(2))
+        z, _ = vm.gumbel_softmax(logits, tau=0.5, hard=hard, generator=torch.Generator().manual_seed(2))
         (z * w).sum().backward()
         grads[hard] = logits.grad.clone()
     assert grads[True].abs().sum() > 0
@@ -43,41 +46,119 @@ def test_gumbel_softmax_straight_through_gradient_is_the_soft_gradient():
 
 
 def test_temperature_schedule_anneals_then_stays():
-    taus = [vpa.temperature(s, 100, 1.0, 0.25, anneal=0.5) for s in (0, 25, 50, 99)]
+    taus = [vm.temperature(s, 100, 1.0, 0.25, anneal=0.5) for s in (0, 25, 50, 99)]
     assert taus[0] == pytest.approx(1.0) and taus[1] == pytest.approx(0.5)
     assert taus[2] == pytest.approx(0.25) and taus[3] == pytest.approx(0.25)
 
 
-# -- V5, V6, V7 --------------------------------------------------------------------------------
+# -- V4, V5: the ELBO terms against a hand computation --------------------------------------------
+
+
+def _gelu(x: float) -> float:
+    return 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _hand_model():
+    """D = H = P = 2 with every weight set: identity layers, so each step is a few scalars."""
+    cfg = vm.VPAConfig(prototypes=2, hidden=2, context=2, targets=2, episodes=1, beta=0.3)
+    m = vm.VPA(2, cfg)
+    with torch.no_grad():
+        for lin in (m.phi[0], m.phi[2], m.trunk[0]):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+        m.to_logits.weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]]))
+        m.to_logits.bias.copy_(torch.tensor([0.1, -0.2]))
+        m.w0.weight.copy_(torch.tensor([[0.3, -0.4]]))
+        m.w0.bias.fill_(0.7)
+        m.prototypes.copy_(torch.tensor([[1.0, 0.0], [-0.5, 1.5]]))
+    return m, cfg
+
+
+def test_elbo_terms_match_a_hand_computation():
+    m, cfg = _hand_model()
+    w = torch.tensor([[0.5, 1.0], [1.5, -0.5], [0.2, 0.3], [-1.0, 2.0]])
+    l = torch.tensor([[0.0, 0.5], [0.5, 0.5], [1.0, -0.2], [0.3, 0.1]])
+    ctx, tgt, prior = torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([0.8, 0.2])
+    # V1: q = softmax(W mean_c gelu(gelu(w_c - l_c)) + b)
+    pooled = [sum(_gelu(_gelu((w[c, j] - l[c, j]).item())) for c in (0, 1)) / 2 for j in (0, 1)]
+    W, b = [[1.0, -1.0], [0.5, 2.0]], [0.1, -0.2]
+    logits = [sum(W[p][j] * pooled[j] for j in (0, 1)) + b[p] for p in (0, 1)]
+    q = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
+    # V3: r_p(e) = gelu(e) . (w0 + v_p) + b0
+    readout = [[0.3 + 1.0, -0.4 + 0.0], [0.3 - 0.5, -0.4 + 1.5]]
+
+    def r(e, p):
+        return sum(_gelu(e[j].item()) * readout[p][j] for j in (0, 1)) + 0.7
+
+    def logsig(x):
+        return -math.log1p(math.exp(-x))
+    loglik = sum(q[p] * logsig(r(w[t], p) - r(l[t], p)) for t in (2, 3) for p in (0, 1))
+    kl = sum(q[p] * math.log(q[p] / prior[p].item()) for p in (0, 1))
+    o = vm.episode_terms(m, w, l, ctx, tgt, prior, None)
+    assert o["q"][0].tolist() == pytest.approx(q, rel=1e-5)
+    assert o["loglik"].item() == pytest.approx(loglik, rel=1e-5)
+    assert o["kl"].item() == pytest.approx(kl, rel=1e-5)
+    # the -ELBO per target pair that neg_elbo reports (V4)
+    c = vm.ClientFeatures("c", "a", w, l, w[:0], l[:0])
+    want = -(loglik - cfg.beta * kl) / cfg.targets
+    g = torch.Generator().manual_seed(0)
+    ctx_e, tgt_e = vm.episodes(4, cfg.eval_contexts, cfg.context, cfg.targets, g)
+    o_e = vm.episode_terms(m, w, l, ctx_e, tgt_e, prior, None)
+    assert vm.neg_elbo(m, [c], prior) == pytest.approx(
+        (-(o_e["loglik"] - cfg.beta * o_e["kl"]) / cfg.targets).mean().item(), rel=1e-6)
+    assert -(o["loglik"] - cfg.beta * o["kl"]).item() / cfg.targets == pytest.approx(want, rel=1e-5)
+    # the sampled path: the forward uses exactly the prototype argmax(logits + Gumbel noise)
+    u = torch.rand((1, 2), generator=torch.Generator().manual_seed(5))
+    pick = int((torch.tensor([logits]) - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))).argmax())
+    o_s = vm.episode_terms(m, w, l, ctx, tgt, prior, 0.5, torch.Generator().manual_seed(5))
+    assert o_s["z"][0].tolist() == [float(p == pick) for p in (0, 1)]
+    assert o_s["loglik"].item() == pytest.approx(sum(logsig(r(w[t], pick) - r(l[t], pick)) for t in (2, 3)), rel=1e-5)
 
 
 def test_categorical_kl_hand_cases():
     q, pi = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
     want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert vpa.categorical_kl(q, pi).item() == pytest.approx(want, rel=1e-6)
-    # a zero in q contributes nothing (0 log 0 = 0); batched rows
-    qs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
-    kl = vpa.categorical_kl(qs, torch.tensor([0.5, 0.25, 0.25]))
+    assert vm.categorical_kl(q, pi).item() == pytest.approx(want, rel=1e-6)
+    qs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])  # a zero in q contributes nothing (0 log 0 = 0)
+    kl = vm.categorical_kl(qs, torch.tensor([0.5, 0.25, 0.25]))
     assert kl.shape == (2,)
     assert kl[0].item() == pytest.approx(math.log(2.0), rel=1e-6)
     assert kl[1].item() == pytest.approx(0.2 * math.log(0.4) + 0.3 * math.log(1.2) + 0.5 * math.log(2.0), rel=1e-5)
-    assert vpa.categorical_kl(qs[1], qs[1]).item() == pytest.approx(0.0, abs=1e-7)
+    assert vm.categorical_kl(qs[1], qs[1]).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_orthogonal_loss_zero_iff_orthogonal():
-    assert vpa.orthogonal_loss(torch.eye(3, 5) * 4.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert vm.orthogonal_loss(torch.eye(3, 5) * 4.0).item() == pytest.approx(0.0, abs=1e-7)
     Q, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
-    assert vpa.orthogonal_loss(Q.T).item() == pytest.approx(0.0, abs=1e-6)  # 4 orthonormal rows of R^6
+    assert vm.orthogonal_loss(Q.T).item() == pytest.approx(0.0, abs=1e-6)  # 4 orthonormal rows of R^6
     # cos([1,0],[1,1])^2 = cos([0,1],[1,1])^2 = 1/2, cos([1,0],[0,1]) = 0; scale does not matter
     v = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])
-    assert vpa.orthogonal_loss(v).item() == pytest.approx(1.0, rel=1e-6)
-    assert vpa.orthogonal_loss(torch.tensor([[1.0, 2.0], [-2.0, -4.0]])).item() == pytest.approx(1.0, rel=1e-6)
+    assert vm.orthogonal_loss(v).item() == pytest.approx(1.0, rel=1e-6)
+    assert vm.orthogonal_loss(torch.tensor([[1.0, 2.0], [-2.0, -4.0]])).item() == pytest.approx(1.0, rel=1e-6)
 
 
-def test_mixture_prior_is_the_n_weighted_mean_floored():
-    ups = [vpa.Upload({}, 1, torch.tensor([1.0, 0.0]), 0.0, 0.0), vpa.Upload({}, 3, torch.tensor([0.0, 1.0]), 0.0, 0.0)]
-    assert torch.allclose(vpa.mixture_prior(ups, 0.0), torch.tensor([0.25, 0.75]))
-    assert torch.allclose(vpa.mixture_prior(ups, 0.1), torch.tensor([0.9 * 0.25 + 0.05, 0.9 * 0.75 + 0.05]))
+# -- V6, V8: the mixture prior and its warm-up ---------------------------------------------------
+
+
+def test_mixture_prior_is_the_n_weighted_mean():
+    ups = [vm.Upload({}, 1, torch.tensor([1.0, 0.0]), 0.0, 0.0), vm.Upload({}, 3, torch.tensor([0.0, 1.0]), 0.0, 0.0)]
+    assert torch.allclose(vm.mixture_prior(ups), torch.tensor([0.25, 0.75]))
+
+
+def test_prior_warmup_moves_from_uniform_to_the_floored_mixture():
+    pibar = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    cfg = vm.VPAConfig(rounds=10, prior_warmup=0.4, prior_floor=0.2)
+    pis = [vm.prior_for_round(pibar, r, cfg) for r in range(11)]
+    assert torch.allclose(pis[0], torch.full((4,), 0.25))  # round 0: uniform
+    a2 = 0.8 * 2 / 4  # a_r = (1 - eps) min(1, r / (w R))
+    assert torch.allclose(pis[2], torch.tensor([(1 - a2) / 4 + a2, (1 - a2) / 4, (1 - a2) / 4, (1 - a2) / 4]))
+    for r in (4, 7, 10):  # after the warm-up: (1 - eps) pibar + eps / P
+        assert torch.allclose(pis[r], torch.tensor([0.8 + 0.05, 0.05, 0.05, 0.05]))
+    assert all(p.min() >= 0.2 / 4 - 1e-7 and p.sum().item() == pytest.approx(1.0) for p in pis)
+    # w = 0: the mixture (floored) from round 1, the method as first implemented
+    cfg0 = vm.VPAConfig(rounds=10, prior_warmup=0.0, prior_floor=0.01)
+    assert torch.allclose(vm.prior_for_round(pibar, 0, cfg0), torch.full((4,), 0.25))
+    assert torch.allclose(vm.prior_for_round(pibar, 1, cfg0), 0.99 * pibar + 0.0025)
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -85,15 +166,17 @@ def test_mixture_prior_is_the_n_weighted_mean_floored():
 
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="at least 2 prototypes"):
-        vpa.VPA(8, vpa.VPAConfig(prototypes=1))
+        vm.VPA(8, vm.VPAConfig(prototypes=1))
+    with pytest.raises(ValueError, match="prior_warmup"):
+        vm.VPAConfig(prior_warmup=1.5).validate()
     with pytest.raises(ValueError, match="no training pairs"):
-        vpa.ClientFeatures("empty", "a", torch.empty(0, 8), torch.empty(0, 8), torch.empty(0, 8), torch.empty(0, 8))
+        vm.ClientFeatures("empty", "a", torch.empty(0, 8), torch.empty(0, 8), torch.empty(0, 8), torch.empty(0, 8))
     with pytest.raises(ValueError, match="shapes differ"):
-        vpa.ClientFeatures("c", "a", torch.zeros(3, 8), torch.zeros(2, 8), torch.empty(0, 8), torch.empty(0, 8))
+        vm.ClientFeatures("c", "a", torch.zeros(3, 8), torch.zeros(2, 8), torch.empty(0, 8), torch.empty(0, 8))
     with pytest.raises(ValueError, match="no clients"):
-        vpa.train_federated("vpa", [], vpa.VPAConfig(), 0)
+        vm.train_federated("vpa", [], vm.VPAConfig(), 0)
     with pytest.raises(ValueError, match="kind"):
-        vpa.train_federated("bogus", two_group_clients(), vpa.VPAConfig(rounds=1), 0)
+        vm.train_federated("bogus", two_group_clients(), vm.VPAConfig(rounds=1), 0)
 
 
 # -- a synthetic federation with conflicting preferences -----------------------------------------
@@ -115,25 +198,24 @@ def two_group_clients(n=400, held=200, seed=0):
             a, b = torch.randn(m, D, generator=g), torch.randn(m, D, generator=g)
             first = (a @ u > b @ u).unsqueeze(-1)
             parts += [torch.where(first, a, b), torch.where(first, b, a)]  # chosen, rejected
-        out.append(vpa.ClientFeatures(f"c{k}{group}", group, *parts))
+        out.append(vm.ClientFeatures(f"c{k}{group}", group, *parts))
     return out
 
 
 @pytest.fixture(scope="module")
 def trained():
     clients = two_group_clients()
-    cfg = vpa.VPAConfig(**FAST, rounds=12)
-    model, prior, log = vpa.train_federated("vpa", clients, cfg, seed=0)
-    mono, _, _ = vpa.train_federated("mono", clients, cfg, seed=0)
+    cfg = vm.VPAConfig(**FAST, rounds=12)
+    model, prior, log = vm.train_federated("vpa", clients, cfg, seed=0)
+    mono, _, _ = vm.train_federated("mono", clients, cfg, seed=0)
     return clients, cfg, model, prior, log, mono
 
 
 def test_latent_separates_groups_and_beats_monolithic(trained):
     clients, cfg, model, prior, log, mono = trained
-    ev, ev_mono = vpa.evaluate(model, clients, prior), vpa.evaluate(mono, clients)
-    assert ev["group_purity"] >= 0.95 and ev["client_purity"] >= 0.9 and ev["used"] >= 2
-    # clients of one group share a prototype, the groups use different ones
-    a = ev["assignment"]
+    ev, ev_mono = vm.evaluate(model, clients, prior), vm.evaluate(mono, clients)
+    assert ev["group_purity"] >= 0.95 and ev["client_purity"] >= 0.9 and ev["used"] >= 2 and not ev["collapsed"]
+    a = ev["assignment"]  # clients of one group share a prototype, the groups use different ones
     assert a["c0A"] == a["c2A"] and a["c1B"] == a["c3B"] and a["c0A"] != a["c1B"]
     for c in clients:
         assert ev["accuracy"][c.name] >= 0.78, ev["accuracy"]
@@ -141,24 +223,35 @@ def test_latent_separates_groups_and_beats_monolithic(trained):
     assert prior.shape == (cfg.prototypes,) and prior.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_per_round_log_traces_prior_usage_and_entropy(trained):
+    clients, cfg, _, prior, log, _ = trained
+    assert [e["round"] for e in log] == list(range(cfg.rounds))
+    assert torch.allclose(torch.tensor(log[0]["prior"]), torch.full((cfg.prototypes,), 1 / cfg.prototypes), atol=1e-4)
+    for e in log:
+        assert sum(e["usage"]) == pytest.approx(1.0, abs=1e-3) and sum(e["prior"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0 <= e["H_q"] <= math.log(cfg.prototypes) + 1e-6 and e["kl"] >= -1e-6
+        assert sorted(e["qbar"]) == sorted(c.name for c in clients)
+    assert log[-1]["H_q"] < log[0]["H_q"]  # the posteriors sharpen as the groups are found
+
+
 def test_a_few_rounds_lower_the_elbo(trained):
     clients, cfg, model, prior, log, _ = trained
     torch.manual_seed(0)  # train_federated's init for seed 0
-    init = vpa.VPA(D, cfg)
-    init.set_feature_stats(*vpa.pooled_feature_stats(clients))
+    init = vm.VPA(D, cfg)
+    init.set_feature_stats(*vm.pooled_feature_stats(clients))
     uniform = torch.full((cfg.prototypes,), 1.0 / cfg.prototypes)
-    three, prior3, _ = vpa.train_federated("vpa", clients, vpa.VPAConfig(**FAST, rounds=3), seed=0)
-    before, after3 = vpa.neg_elbo(init, clients, uniform), vpa.neg_elbo(three, clients, prior3)
-    after12 = vpa.neg_elbo(model, clients, prior)
+    three, prior3, _ = vm.train_federated("vpa", clients, vm.VPAConfig(**FAST, rounds=3), seed=0)
+    before, after3 = vm.neg_elbo(init, clients, uniform), vm.neg_elbo(three, clients, prior3)
+    after12 = vm.neg_elbo(model, clients, prior)
     assert after3 < before - 0.05 and after12 < after3, (before, after3, after12)
     assert log[-1]["loss"] < log[0]["loss"]
 
 
 def test_same_seed_same_result():
     clients = two_group_clients(n=100, held=20)
-    cfg = vpa.VPAConfig(**FAST, rounds=2)
-    a, pa, la = vpa.train_federated("vpa", clients, cfg, seed=3)
-    b, pb, lb = vpa.train_federated("vpa", clients, cfg, seed=3)
+    cfg = vm.VPAConfig(**FAST, rounds=2)
+    a, pa, la = vm.train_federated("vpa", clients, cfg, seed=3)
+    b, pb, lb = vm.train_federated("vpa", clients, cfg, seed=3)
     assert la == lb and torch.equal(pa, pb)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
 
@@ -166,33 +259,83 @@ def test_same_seed_same_result():
 # -- the MoR interface -------------------------------------------------------------------------
 
 
-def test_reward_model_interface(trained, monkeypatch, tmp_path):
+def test_reward_model_interface_and_save_load(trained, monkeypatch, tmp_path):
     clients, cfg, model, prior, _, _ = trained
     c = clients[1]
-    rm = vpa.VPARewardModel.from_context(model, c.train_w, c.train_l)
+    rm = vm.VPARewardModel.from_context(model, c.train_w, c.train_l)
     r = rm.rewards(c.held_w[:7])
     assert r.shape == (7,)
     with pytest.raises(RuntimeError, match="reference VLM"):
         rm.score(["img"], ["p"], ["y"])
     # score() runs the E2 features of the reference; stand in a lookup for the VLM forward
     feats = {f"y{i}": c.held_w[i] if i < 50 else c.held_l[i - 50] for i in range(100)}
-    monkeypatch.setattr(vpa.routing, "features", lambda vlm, enc, im, pr, resp: torch.stack([feats[y] for y in resp]))
+    monkeypatch.setattr(vm.routing, "features", lambda vlm, enc, im, pr, resp: torch.stack([feats[y] for y in resp]))
     rm.ref_vlm = object()
     s = rm.score(["img"] * 3, ["p"] * 3, ["y0", "y1", "y60"])
     assert s.shape == (3,) and torch.allclose(s, rm.rewards(torch.stack([feats["y0"], feats["y1"], feats["y60"]])))
     pairs = [data.Pair("img", "p", f"y{i}", f"y{i + 50}") for i in range(50)]
     rc, rr = reward.pair_scores(rm, pairs)  # the same helper MoR uses for any client RM
     assert rc.shape == rr.shape == (50,)
-    assert reward.pair_accuracy(rm, pairs) == pytest.approx(vpa.heldout_accuracy(model, c, rm.q), abs=0.05)
+    assert reward.pair_accuracy(rm, pairs) == pytest.approx(vm.heldout_accuracy(model, c, rm.q), abs=0.05)
     rm.calibrate(torch.cat([c.train_w, c.train_l]))
     z = rm.standardized(rm.rewards(torch.cat([c.train_w, c.train_l])))
     assert z.mean().abs() < 1e-4 and (z.std() - 1).abs() < 1e-4
+    # save / load round trip: same rewards, same standardisation, same info; loadable by path
+    rm.info["client"] = "c1B"
     rm.save(tmp_path / "rm")
-    back = vpa.VPARewardModel.load(tmp_path / "rm")
+    back = vpa.load_client_rm(tmp_path / "rm")
+    assert isinstance(back, vm.VPARewardModel)
     assert torch.allclose(back.rewards(c.held_w[:7]), rm.rewards(c.held_w[:7]), atol=1e-6)
-    assert back.mean == pytest.approx(rm.mean)
+    assert torch.equal(back.q, rm.q) and (back.mean, back.std) == (rm.mean, rm.std) and back.info["client"] == "c1B"
     with pytest.raises(ValueError, match="empty context"):
-        vpa.VPARewardModel.from_context(model, c.train_w[:0], c.train_l[:0])
+        vm.VPARewardModel.from_context(model, c.train_w[:0], c.train_l[:0])
+
+
+def test_a_tampered_vpa_rm_directory_is_refused(trained, tmp_path):
+    _, _, model, _, _, _ = trained
+    rm = vm.VPARewardModel(model, torch.tensor([0.5, 0.5, 0.0]))
+    rm.save(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="not a VPA reward-model directory"):
+        vm.VPARewardModel.load(tmp_path)
+    (tmp_path / "ok" / "extra.pkl").write_bytes(b"x")
+    with pytest.raises(ValueError, match="unexpected file"):
+        vm.VPARewardModel.load(tmp_path / "ok")
+    (tmp_path / "ok" / "extra.pkl").unlink()
+    meta = json.loads((tmp_path / "ok" / "vpa.json").read_text())
+    (tmp_path / "ok" / "vpa.json").write_text(json.dumps(dict(meta, std=0.0)))
+    with pytest.raises(ValueError, match="std"):
+        vm.VPARewardModel.load(tmp_path / "ok")
+    (tmp_path / "ok" / "vpa.json").write_text(json.dumps(meta))
+    (tmp_path / "ok" / "vpa.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        vm.VPARewardModel.load(tmp_path / "ok")
+
+
+def test_train_client_rm_from_pairs_through_a_tiny_reference(fed, tmp_path):
+    """A client holding two conflicting groups: its VPA RMs (one per group) are written, load by
+    path and score raw text through the reference VLM like any client RM."""
+    ref = models.build_tiny("qwen2_vl", tmp_path / "ref", seed=0)
+    conf = vpa.conflict_clients(SimpleNamespace(clients={"color": fed.clients["color"][:24]}), seed=0)
+    pairs = conf["color/terse"][1] + conf["color/full"][1]
+    groups = ["terse"] * len(conf["color/terse"][1]) + ["full"] * len(conf["color/full"][1])
+    cfg = vm.VPAConfig(prototypes=2, hidden=8, context=4, targets=4, episodes=2, local_steps=2, rounds=2)
+    out = vpa.train_client_rm("color", pairs, groups, ref, tmp_path / "rms", seed=0, cfg=cfg,
+                              cache=tmp_path / "cache" / "f.safetensors")
+    assert sorted(out) == ["full", "terse"]
+    assert all(m["n_pairs"] > 0 for m in out.values()) and sum(m["heldout_pairs"] for m in out.values()) > 0
+    assert all(0 <= m["heldout_accuracy"] <= 1 for m in out.values() if m["heldout_pairs"])  # nan: none held out
+    ref_vlm, proc = models.load_vlm(ref)
+    rm = vpa.load_client_rm(tmp_path / "rms" / "full", ref_vlm, proc)
+    assert rm.info["group"] == "full" and rm.info["reference"] == vpa.reference_fingerprint(ref)
+    p = pairs[-1]
+    r = rm.score([p.image, p.image], [p.prompt, p.prompt], [p.chosen, p.rejected])
+    table = vpa.feature_table([(p.image, p.prompt, p.chosen), (p.image, p.prompt, p.rejected)], ref,
+                              tmp_path / "cache" / "f.safetensors")  # the cached features of training
+    want = rm.rewards(torch.stack([table[(p.image, p.prompt, p.chosen)], table[(p.image, p.prompt, p.rejected)]]))
+    assert torch.allclose(r, want, atol=1e-4)
+    assert torch.isfinite(rm.standardized(r)).all()
+    with pytest.raises(ValueError, match="group tags"):
+        vpa.train_client_rm("color", pairs, groups[:-1], ref, tmp_path / "x", seed=0, cfg=cfg)
 
 
 # -- the benchmark variant ---------------------------------------------------------------------
