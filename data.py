@@ -224,13 +224,13 @@ def easy_vqa_examples(split: str, seed: int = 0) -> dict[str, list[Example]]:
     return out
 
 
-# Generic pre-training data for the tiny base (DESIGN 4, "vision too coarse"): synthetic images
+# Generic pre-training data for the tiny base (docs/benchmark.md, "the measured pitfalls"): synthetic images
 # drawn in easy-VQA's style (one flat shape of a pure colour on a light background, 64x64) with
 # a caption naming its colour, shape and place: "a teal circle on the left at the middle". They
 # belong to no client and to no split; the tiny base learns to *see* from them, the way a real
 # VLM arrives pre-trained, so that shape is learnable from the small public split (measured at
 # 300 SFT steps: shape 47% from scratch, 82% after 600 steps of this pre-training) and so that RL
-# can reach answers the reference SFT under-weights (README, gate 4).
+# can reach answers the reference SFT under-weights (docs/benchmark.md, gate-4 probes).
 SHAPE_RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
              "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0)}
 PRETRAIN_PROMPT = "what is in the image?"
@@ -299,7 +299,7 @@ DEFAULT_SPLIT = {"public": 600, "color": 800, "shape": 1200, "position": 800, "p
 
 # The server's public split was labelled by a careless annotator who confuses one answer of each
 # domain with a neighbour: answer -> (what the annotator wrote, how often). Why the benchmark
-# needs it (README, "gate 4"): a reference SFT'd on clean labels sits at its ceiling on colour
+# needs it (docs/benchmark.md, gate-4 probes): a reference SFT'd on clean labels sits at its ceiling on colour
 # and position (95-99%), so no reward, not even the oracle, can show a gain there. With these
 # confusions the reference says "green" for most teal shapes, yet the right answer keeps real
 # probability mass (the pre-trained base knows teal), which is room that RL can recover, and
@@ -332,7 +332,7 @@ def build_federation(seed: int = 0, split_sizes: dict[str, int] | None = None,
     """Deterministic, seeded, disjoint-by-image split of easy-VQA train into the federation.
 
     split_sizes: number of train images per part (public / one per client domain / pool); their
-    sum must be <= 4,000. The shape client gets the most images: shape needs volume (DESIGN 4).
+    sum must be <= 4,000. The shape client gets the most images: shape needs volume (docs/benchmark.md).
     confusions: the public annotator's (PUBLIC_CONFUSIONS when None; {} for clean labels).
     """
     sizes = dict(DEFAULT_SPLIT if split_sizes is None else split_sizes)

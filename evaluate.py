@@ -30,7 +30,7 @@ def generate(model, encoder: models.Encoder, images, prompts, max_new_tokens: in
     else:
         batch = encoder(images, prompts, device=device)  # left-padded prompts [B, T_prompt]
     # Suppressing <|image_pad|> & co. keeps sampled responses re-scorable: one stray placeholder
-    # and the next forward fails with "image features and image tokens do not match" (DESIGN 7).
+    # and the next forward fails with "image features and image tokens do not match" (docs/method.md, implementation notes).
     # mm_token_type_ids travels in `batch`; without it generate silently falls back to 1-D
     # positions and sampling and scoring disagree.
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy,

@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from progress import Progress
+
 import data
 import models
 import reward
@@ -463,7 +465,7 @@ def run_rounds(router: torch.nn.Module, make_router, clients: list[Client], roun
         raise ValueError(f"run_rounds: unknown aggregation rule {aggregate!r}; one of {RULES}")
     rng = random.Random(f"rounds-{seed}")
     log = []
-    bar = tqdm(range(rounds), desc=desc, dynamic_ncols=True, disable=None)
+    bar = Progress(range(rounds), desc=desc, dynamic_ncols=True)
     for r in bar:
         sampled = rng.sample(clients, max(1, round(fraction * len(clients))))
         state = {k: v.detach().clone() for k, v in router.state_dict().items()}

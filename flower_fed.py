@@ -52,27 +52,6 @@ REPO = Path(__file__).resolve().parent
 MANIFEST_FORMAT = "mor-flower-manifest/1"
 
 
-def app_modules(*roots: str | Path) -> list[Path]:
-    """flower_app.py, the `roots`, and every module of this repo they import, directly or not (any
-    import statement naming a REPO/<name>.py). They travel inside the Flower App Bundle, so a
-    SuperNode needs only the packages of requirements.txt + requirements-flower.txt, not this repo;
-    found, not listed, so a module that starts importing a new one cannot break the app."""
-    todo, found = [REPO / "flower_app.py", *map(Path, roots)], {}
-    while todo:
-        path = todo.pop()
-        if path.name in found:
-            continue
-        found[path.name] = path
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            todo += [REPO / f"{n.split('.')[0]}.py" for n in names if (REPO / f"{n.split('.')[0]}.py").is_file()]
-    return sorted(found.values(), key=lambda p: p.name)
-
 # ----------------------------------------------------------------------------------------------
 # Manifest: a federation on disk (client order, cache per client, initial router, hyperparameters)
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +123,29 @@ def _config_from_manifest(man: dict, overrides: dict | None) -> FedConfig:
 # ----------------------------------------------------------------------------------------------
 # The Flower App and a launch on the local federation
 # ----------------------------------------------------------------------------------------------
+
+
+def app_modules(*roots: str | Path) -> list[Path]:
+    """flower_app.py, the `roots`, and every module of this repo they import, directly or not (any
+    import statement naming a REPO/<name>.py). They travel inside the Flower App Bundle, so a
+    SuperNode needs only the packages of requirements.txt + requirements-flower.txt, not this repo;
+    found, not listed, so a module that starts importing a new one cannot break the app."""
+    todo, found = [REPO / "flower_app.py", *map(Path, roots)], {}
+    while todo:
+        path = todo.pop()
+        if path.name in found:
+            continue
+        found[path.name] = path
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            here = [REPO / f"{n.split('.')[0]}.py" for n in names]  # `import a.b` needs a.py
+            todo += [f for f in here if f.is_file()]
+    return sorted(found.values(), key=lambda p: p.name)
 
 
 def write_app(app_dir: Path, client_app: str = "flower_app:client_app", extra_modules=()) -> Path:

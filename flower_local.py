@@ -128,7 +128,7 @@ class LocalFederation:
     """A SuperLink and one SuperNode per client, each a separate OS process on 127.0.0.1.
 
     Insecure mode (plain HTTP, no SuperNode authentication) is fine here because every port is
-    bound to the loopback interface; across sites use TLS (see the README section). Each SuperNode
+    bound to the loopback interface; across sites use TLS (docs/flower.md, across real sites). Each SuperNode
     gets its own FLWR_HOME (its own app install dir), as a separate site would, and a node-config
     TOML naming its cache (`node_config`: more keys per client, which a ClientApp reads from
     context.node_config). Use as a context manager: every process it started, with all the

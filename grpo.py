@@ -1,4 +1,4 @@
-"""GRPO on a routed reward (DESIGN E5): the server aligns its policy with any reward source.
+"""GRPO on a routed reward (docs/method.md, E5): the server aligns its policy with any reward source.
 
 For a batch of N prompts x, sample G responses o_1..o_G each from pi_old, then
 
@@ -16,7 +16,7 @@ pi_ref is the frozen reference policy (the SFT model the run started from). With
 update, pi_old = pi_theta at the time of sampling, so the ratio is 1 in value and only its
 gradient matters; with mu > 1 the old log-probs are computed once before the updates.
 
-What makes a step cheap on CPU (measured in README):
+What makes a step cheap on CPU (measured in docs/results.md):
   * one `generate` call per step for all N x G samples; transformers pre-encodes each image once
     and expands it G times;
   * the policy and reference forwards over the N x G sampled rows run the vision tower on the N
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from progress import Progress
 
 import data
 import models
@@ -388,7 +390,7 @@ def own_share(log: list[dict], own_arm: dict, first: int = 10, last: int = 10) -
 
 @dataclass
 class GRPOConfig:
-    """Defaults: the embedded default's main table (README). --quick shrinks steps."""
+    """Defaults: the embedded default's main table. --quick shrinks steps."""
 
     steps: int = 80
     prompts: int = 16  # N prompts per step
@@ -419,7 +421,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
     G = cfg.group
     log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
     log["skipped"] = []  # steps whose batch was dropped: non-finite rewards, loss or gradient
-    bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, disable=None)
+    bar = Progress(range(cfg.steps), desc=desc, dynamic_ncols=True)
     for step in bar:
         exs = next(batches)
         images, prompts = [e.image for e in exs], [e.prompt for e in exs]

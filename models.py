@@ -95,7 +95,7 @@ def build_tokenizer(family: str = "qwen2_vl"):
 # Sizes of the tiny models. Patch 4 on 64x64 gives a 16x16 patch grid, merged 4x4 into 16 image
 # tokens. Measured (shape questions only, batch 64, lr 1e-3, 1 thread): patch 8 / merge 2 reached
 # 62% shape accuracy after 600 steps; patch 4 / merge 4 reached 87% after 300 steps at 2.8x the
-# cost per step, so the shape domain is learnable from one client's data (DESIGN 4 asked for patch
+# cost per step, so the shape domain is learnable from one client's data (the benchmark's notes asked for patch
 # 8 "or better"). The language model still sees 16 image tokens, as with patch 8 / merge 2.
 # rope_theta 10, not Qwen's 1e6: the image tokens' only absolute position is M-RoPE's (h, w), a 4x4
 # grid, and with theta 1e6 a step of one grid cell turns the h/w frequencies by < 0.03 rad, so the
@@ -169,7 +169,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: dic
                                          image_grid_pinpoints=[[s["image"], s["image"]]],
                                          vision_aspect_ratio="anyres_max_1")
         cls = tf.LlavaOnevisionForConditionalGeneration
-    for k, v in special.items():  # otherwise Qwen's 151643/151645 leak through (DESIGN 7)
+    for k, v in special.items():  # otherwise Qwen's 151643/151645 leak through (docs/method.md, implementation notes)
         setattr(config, k, v)
         setattr(config.get_text_config(), k, v)
     torch.manual_seed(seed)
@@ -554,7 +554,7 @@ def share_images(vlm, batch: dict, source: list[int]) -> dict:
 def balanced_batches(examples: list, batch_size: int, seed: int):
     """Endless batches with an equal share of every domain (shuffled epochs per domain).
 
-    Colour is learned in a few dozen steps and shape needs hundreds (DESIGN 4); sampling the
+    Colour is learned in a few dozen steps and shape needs hundreds (docs/benchmark.md); sampling the
     domains evenly keeps the slow domains from being starved by the easy, frequent one."""
     rng = random.Random(seed)  # its own RNG: the batch order depends on the seed and nothing else
     by_dom: dict[str, list] = {}

@@ -21,13 +21,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+import models
+import nts
 import router
 from pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, QUICK, SETTINGS, STAGE_OUTPUT, USER_FAMILY, Run,
                       methods)
 from evaluate import JUDGES
 from report import results_markdown
+import safe_io
 from safe_io import atomic_write_json, atomic_write_text
-from stages import STAGES
+from stages import STAGES, preflight
 
 # The stages whose outputs each stage reads.
 UPSTREAM = {"base": [], "sft": ["base"], "reward": [], "router": ["sft", "reward"],
@@ -56,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains (also the pre-training batch)")
     p.add_argument("--sft-lr", type=float, default=3e-4,
                    help="AdamW learning rate of the reference SFT (default %(default)s; 1e-3 collapsed shape "
-                        "onto 'rectangle' in one of two runs, see README)")
+                        "onto 'rectangle' in one of two runs, docs/benchmark.md)")
     p.add_argument("--pretrain-lr", type=float, default=1e-3, help="AdamW learning rate of the caption pre-training")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
@@ -113,10 +116,18 @@ def parse_args(argv=None):
     p.add_argument("--no-format-guard", dest="format_guard", action="store_false",
                    help="let malformed samples keep their reward (default: they rank last in their group, "
                         "grpo.format_guard)")
-    p.add_argument("--nts-lambda", type=float, default=1e-3, help="NTS prior precision lambda (E6)")
-    p.add_argument("--nts-nu", type=float, default=1.0, help="NTS exploration scale nu (E6); 0: no exploration")
+    p.add_argument("--nts-lambda", type=float, default=1.0,
+                   help="NTS prior precision lambda (E6): pulls the residual back to the router")
+    p.add_argument("--nts-nu", type=float, default=0.3, help="NTS exploration scale nu (E6); 0: no exploration")
     p.add_argument("--nts-update-steps", type=int, default=10,
-                   help="NTS SGD steps on the feedback after each GRPO step (E6); 0: the bandit never learns")
+                   help="NTS optimizer steps on the replayed feedback after each GRPO step (E6); 0: never learns")
+    p.add_argument("--nts-feedback", choices=list(nts.FEEDBACK), default="probe",
+                   help="E7's bandit feedback: probe (on a share --nts-probe of prompts every RM scores the "
+                        "group and the router's soft mixture referees) or median (the old objective-gain rule, "
+                        "an ablation); see nts.py")
+    p.add_argument("--nts-probe", type=float, default=0.25,
+                   help="share of prompts probed by every RM for --nts-feedback probe (RM rows per sample: "
+                        "1 + p (K - 1))")
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
     for k, v in size.items():
@@ -138,7 +149,7 @@ INT_AT_LEAST = {"max_new_tokens": 1, "seed": 0, "threads": 1, "workers": 1, "pre
                 "grpo_prompts": 1, "group": 2, "nts_update_steps": 0}
 # group >= 2: E5's advantage divides by the std of the group's rewards, undefined for one sample.
 POSITIVE_FLOAT = ["sft_lr", "pretrain_lr", "rm_lr", "router_lr", "grpo_lr", "nts_lambda"]
-NONNEGATIVE_FLOAT = ["beta", "nts_nu", "format_share"]
+NONNEGATIVE_FLOAT = ["beta", "nts_nu", "nts_probe", "format_share"]
 
 
 def check_args(p: argparse.ArgumentParser, a) -> None:
@@ -159,6 +170,8 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
         v = getattr(a, k)
         if not (math.isfinite(v) and v >= 0):
             p.error(f"{flag(k)} {v}: must be a finite number >= 0")
+    if a.nts_probe > 1:
+        p.error(f"--nts-probe {a.nts_probe}: must be in [0, 1]")
     if a.format_share > 10:
         p.error(f"--format-share {a.format_share}: must be in [0, 10]")
     if not (math.isfinite(a.client_fraction) and 0 < a.client_fraction <= 1):
@@ -193,8 +206,6 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
                     "pick another name")
         if name in user:
             p.error(f"--client-data: client name {name!r} given twice (client names must be unique)")
-        if not os.path.isfile(path):
-            p.error(f"--client-data {kv!r}: file not found: {path}")
         user.append(name)
     seen = set()
     for kv in a.client_model:
@@ -203,16 +214,26 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
             p.error(f"--client-model {kv!r}: expected NAME=DIR with NAME one of {[*SETTINGS[a.setting], *user]}")
         if name in seen:
             p.error(f"--client-model: client {name!r} given twice")
-        if not os.path.isdir(path):
-            p.error(f"--client-model {kv!r}: directory not found: {path}")
         seen.add(name)
+    for kv in a.client_data:  # the names first (above), then the files they point to
+        if not os.path.isfile(kv.partition("=")[2]):
+            p.error(f"--client-data {kv!r}: file not found: {kv.partition('=')[2]}")
+    for kv in a.client_model:
+        if not os.path.isdir(kv.partition("=")[2]):
+            p.error(f"--client-model {kv!r}: directory not found: {kv.partition('=')[2]}")
     for k in ("prompts", "eval", "sft_data"):
         if getattr(a, k) and not os.path.isfile(getattr(a, k)):
             p.error(f"{flag(k)} {getattr(a, k)}: file not found")
     if a.setting == "own" and not user:
         p.error("--setting own: the federation is the clients you bring; give at least one --client-data NAME=FILE")
-    if a.base and not os.path.isdir(a.base):
-        p.error(f"--base {a.base}: directory not found")
+    # A checkpoint directory is checked in full now (config, safetensors headers, no remote code,
+    # tokenizer, chat tokens), not when its job comes up last in the queue minutes later.
+    for flag_name, path in [("--base", a.base)] + [("--client-model", kv.partition("=")[2]) for kv in a.client_model]:
+        if path:
+            try:
+                models.check_model_dir(path)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                p.error(f"{flag_name} {path}: {e}")
 
 
 def main(argv=None) -> int:
@@ -225,7 +246,7 @@ def main(argv=None) -> int:
             main([*argv, "--setting", setting, *(extra if a.methods is None else [])])
         return 0
     # An explicit thread count: torch's default spins badly when another process shares the
-    # two cores (DESIGN 7), and speeds are only comparable at one fixed count.
+    # two cores (docs/method.md, implementation notes), and speeds are only comparable at one fixed count.
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
@@ -235,6 +256,10 @@ def main(argv=None) -> int:
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     cfg = {"invocation": vars(a), "stages": cfg.get("stages", {})}
     atomic_write_json(cfg_path, cfg)
+    try:
+        preflight(run)
+    except safe_io.DataError as e:  # bad user data: one line naming file:line and the field
+        raise SystemExit(f"error: {e}") from None
     names = a.stages.split(",")
     # A stage runs when --force names it or its output is missing or stale (provenance.py): made
     # from other flags, another client set or other data than this invocation asks for.

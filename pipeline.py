@@ -33,8 +33,8 @@ def set_seed(seed: int) -> None:
 
 # Run sizes. DEFAULT: the tiny base pre-trained for 600 caption steps on 4,000 synthetic images
 # (stage base), then 300 balanced SFT steps of 64 on the carelessly labelled public split (stage
-# sft); measured reference and oracle gains in README ("gate 4"). The client RMs (SFT warm-up,
-# then BT) reach >= 90% held-out pair accuracy in their own domain with DEFAULT (see README).
+# sft); measured reference and oracle gains in docs/benchmark.md (gate 4). The client RMs (SFT warm-up,
+# then BT) reach >= 90% held-out pair accuracy in their own domain with DEFAULT (docs/results.md).
 # QUICK is a smoke run, not a result.
 PRETRAIN_IMAGES = 4000
 
@@ -62,7 +62,7 @@ SETTINGS = {
 # (all three domains) carelessly: half of its preferences are reversed (data.flip_pairs), so its
 # RM carries no signal, yet it holds the most pairs. Avg RM gives it 1/K of every reward and
 # Weighted RM the largest share (n_k measures quantity, not quality). MoR's router could learn
-# from the other clients' data that its RM predicts nobody's preferences; measured (README), the
+# from the other clients' data that its RM predicts nobody's preferences; measured (docs/results.md), the
 # weak client's routing loss on its random labels is lowest where the mixed margin is smallest,
 # i.e. on its own RM's (mean |margin| 0.26 vs 0.53-0.88), and its large n_k in FedAvg carries
 # that pull to every domain: MoR loses 2.6 points, Avg RM 0.4.
@@ -105,6 +105,13 @@ class Run:
         self.timings_path = self.dir / "wall_seconds.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
         self.user_data = dict(kv.split("=", 1) for kv in args.client_data)  # {client: pairs JSONL}
+        self._rows: dict[tuple, list[dict]] = {}
+
+    def rows(self, path: str, kind: str) -> list[dict]:
+        """A user JSONL file, validated row by row (safe_io.load_jsonl), read once per process."""
+        if (path, kind) not in self._rows:
+            self._rows[path, kind] = safe_io.load_jsonl(path, kind)
+        return self._rows[path, kind]
 
     @property
     def fed(self) -> data.Federation:
@@ -124,16 +131,16 @@ class Run:
                 # here it only takes its place (and its index k) among the K clients
                 fed.clients[name] = []
             if a.sft_data:
-                fed.public = safe_io.examples(safe_io.load_jsonl(a.sft_data, "sft"))
+                fed.public = safe_io.examples(self.rows(a.sft_data, "sft"))
             if a.prompts:
-                fed.pool = safe_io.examples(safe_io.load_jsonl(a.prompts, "prompts"))
+                fed.pool = safe_io.examples(self.rows(a.prompts, "prompts"))
                 # gold answers only when every prompt has one: the oracle reward needs them all
                 gold = [e.answer for e in fed.pool]
                 fed.pool_gold = gold if all(gold) else None
                 for e in fed.pool:
                     e.answer = None  # the trainer never sees an answer
             if a.eval:
-                test = data.by_domain(safe_io.examples(safe_io.load_jsonl(a.eval, "eval")))
+                test = data.by_domain(safe_io.examples(self.rows(a.eval, "eval")))
                 fed.test = {d: v[:a.test_per_domain] for d, v in test.items()}
             self._fed = fed
         return self._fed
@@ -285,8 +292,7 @@ class Run:
         clients (and identical held-out splits) instead of storing private data on the server."""
         def pairs(name, exs):
             if name in self.user_data:  # validated row by row: errors name file:line:field
-                rows = safe_io.load_jsonl(self.user_data[name], "pairs")
-                return [data.Pair(r["image"], r["prompt"], r["chosen"], r["rejected"], name) for r in rows]
+                return safe_io.pairs(self.rows(self.user_data[name], "pairs"), name)
             p = data.make_pairs(exs, self.args.seed)
             return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == WEAK_CLIENT else p
 
@@ -316,13 +322,16 @@ class Run:
         given = dict(kv.split("=", 1) for kv in self.args.client_model)
         if client in given:
             return Path(given[client])
-        fam = self.family(client)
-        out = self.dir / "models" / fam
-        inputs = {"tiny": fam, "seed": self.args.seed}
-        if not self.fresh(out, inputs, f"models {fam}"):
+        return self.tiny_dir(self.family(client))
+
+    def tiny_dir(self, family: str) -> Path:
+        """The tiny checkpoint of a family, built once per run and data seed."""
+        out = self.dir / "models" / family
+        inputs = {"tiny": family, "seed": self.args.seed}
+        if not self.fresh(out, inputs, f"models {family}"):
             with atomic_dir(out) as tmp:
                 provenance.record_dir(tmp, inputs)
-                models.build_tiny(fam, tmp, seed=self.args.seed)
+                models.build_tiny(family, tmp, seed=self.args.seed)
         return out
 
     def rm_config(self) -> reward.RMConfig:
@@ -340,13 +349,14 @@ def methods(run: Run) -> list[str]:
 
       oracle       exact match with the gold answer: the upper bound the server never has
       mor          the federated router's soft mixture of the K client RMs (E3)
-      mor_nts      the router as a Neural Thompson Sampling bandit, one RM per prompt (E6-E7);
-                   mor_nts_batch: one RM per batch
+      mor_nts      the router as a Neural Thompson Sampling bandit, one RM per prompt (E6-E7)
+      mor_hard     static hard routing: the router's argmax RM per prompt, no learning (what
+                   NTS must add to, at the same O(1) cost in K)
       avg_rm       w_k = 1/K;   weighted_rm   w_k = n_k / sum n
       rm_<client>  one client's RM alone (how far a single expert carries)
       fedavg_rm    the parameter-averaged RM (homogeneous only: the baseline MoR replaces)"""
     names = list(run.fed.clients)
-    out = ["oracle", "mor", "mor_nts", "mor_nts_batch", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
+    out = ["oracle", "mor", "mor_nts", "mor_hard", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
     if run.args.setting == "homogeneous":
         out.append("fedavg_rm")
     if run.fed.pool_gold is None:  # no gold answers in the user's prompt pool: no oracle

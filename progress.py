@@ -34,17 +34,25 @@ class Progress(tqdm):
 
     def __init__(self, *args, **kwargs):
         self._plain = plain()
+        self._printed = -1.0  # when the last plain line was printed (tqdm's clock)
+        self._closing = False
         if self._plain:
             kwargs["disable"] = False
-            kwargs["mininterval"] = PLAIN_INTERVAL
             kwargs.setdefault("ascii", True)
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
         if not self._plain:
             return super().display(msg, pos)
-        if self.n == 0 and msg is None:  # the opening 0% line says nothing yet
+        # refresh() runs on every update and postfix change: print only every PLAIN_INTERVAL
+        # seconds of progress, and the final state when the loop closes
+        now = self._time()
+        if self.n == 0 or not (self._closing or now - max(self._printed, self.start_t) >= PLAIN_INTERVAL):
             return True
-        line = msg if msg is not None else self.format_meter(**self.format_dict)
-        print(line.strip(), file=sys.stderr, flush=True)
+        self._printed = now
+        print((msg or self.format_meter(**self.format_dict)).strip(), file=sys.stderr, flush=True)
         return True
+
+    def close(self):
+        self._closing = True
+        super().close()

@@ -104,8 +104,7 @@ def _moving_max(xs: list[float], w: int = 10) -> float:
 
 
 def gates(r: dict) -> dict:
-    """The benchmark's soundness gates that can be computed so far (issue "benchmark must measure
-    what it claims"): {name: {pass, value, threshold}}. A failed gate is reported, never hidden.
+    """The benchmark's soundness gates (docs/benchmark.md, "the six gates"): {name: {pass, value, threshold}}. A failed gate is reported, never hidden.
       1 blind baseline: max over domains of (blind - chance) <= 0.05
       2 reference: min over domains of (reference - blind) >= 0.10, and overall <= 0.80
       3 client RMs: min over clients of the in-domain held-out pair accuracy >= 0.90
@@ -170,7 +169,7 @@ def results_markdown(r: dict) -> str:
                 "|---|" + "---|" * (len(doms) + 5)]
         n = r["eval_questions_per_domain"]  # overall = question-weighted mean of the domains
         # table order = E8's order (results.json stores its keys sorted)
-        order = ["oracle", "mor", "mor_nts", "mor_nts_batch", "avg_rm", "weighted_rm", "fedavg_rm"]
+        order = ["oracle", "mor", "mor_nts", "mor_hard", "avg_rm", "weighted_rm", "fedavg_rm"]
         names = sorted(r["methods"], key=lambda k: (order.index(k) if k in order else len(order), k))
         for name, m in ((k, r["methods"][k]) for k in names):
             acc = {d: m["accuracy"][d]["mean"] for d in doms}
@@ -180,6 +179,18 @@ def results_markdown(r: dict) -> str:
                                                   f"{100 * m['accuracy'][d]['std']:.1f}" for d in doms)
                        + f" | {100 * overall:.1f} | {100 * wr:.1f} | {100 * m['malformed_share']['mean']:.1f} "
                        f"| {m['final_kl']['mean']:.3f} | {m.get('rm_rows_per_step', {}).get('mean', 0):.0f} |")
+    own = {k: m["routing_own_share"] for k, m in r.get("methods", {}).items() if m.get("routing_own_share")}
+    if own:  # hard routing: does each domain's prompt go to its own client's RM, first vs last 10 steps?
+        doms_own = list(next(iter(own.values())))
+        out += ["", "Hard routing: share of each domain's prompts routed to its own client's RM (%), "
+                "first -> last 10 GRPO steps, mean over seeds", "",
+                "| method | " + " | ".join(doms_own) + " |", "|---|" + "---|" * len(doms_own)]
+
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f}"
+
+        for k, sh in own.items():
+            out.append(f"| {k} | " + " | ".join(f"{pct(sh[d]['start'])} -> {pct(sh[d]['end'])}" for d in doms_own) + " |")
     for name, m in r.get("methods", {}).items():
         if "nts_arm_share" in m:
             share = m["nts_arm_share"]

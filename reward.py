@@ -1,4 +1,4 @@
-"""Client reward models (DESIGN E1): a VLM backbone of any family plus a scalar Bradley-Terry head.
+"""Client reward models (docs/method.md, E1): a VLM backbone of any family plus a scalar Bradley-Terry head.
 
   r_k(x, y) = w^T h_T(x, y) + b       h_T: final hidden state of the last non-pad token
   L_BT      = - mean log sigmoid( r_k(x, y_w) - r_k(x, y_l) )                         (E1)
@@ -14,7 +14,7 @@ On disk (an "upload": the only thing that leaves a client):
   <dir>/reward.json      {"family", "mean", "std", "n_pairs", ...}
 Loading refuses anything that is not safetensors/JSON (no pickle, no remote code).
 
-Local training recipe (measured on the embedded default, see README): BT alone from a raw tiny VLM
+Local training recipe (measured on the embedded default, docs/results.md): BT alone from a raw tiny VLM
 plateaus at 75-80% held-out pair accuracy, because the pairwise signal is too thin to teach the
 vision tower what the domain looks at. So a client first adapts its own VLM to its domain with a
 short SFT on the chosen responses of its pairs (dense, token-level), then trains the BT head and

@@ -1,4 +1,4 @@
-"""The router of Mixture-of-Rewards (DESIGN E2, E3, E4) and the fixed-weight baselines (E8).
+"""The router of Mixture-of-Rewards (docs/method.md, E2-E4) and the fixed-weight baselines (E8).
 
   e(x, y)  = [ mean_{t in prompt} h_t ; mean_{t in response} h_t ]       h: frozen reference VLM  (E2)
   w(x, y)  = softmax( g_phi(e(x, y)) )                                    w: [K]                  (E3)

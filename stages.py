@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoProcessor
 
 from progress import PLAIN_ENV, Progress
 
@@ -41,6 +42,28 @@ from pipeline import (PRETRAIN_IMAGES, SETTINGS, WEAK_CLIENT, Run, grpo_config, 
 from report import _chance, _mean_std, _moving_max, gates, matrix_markdown, plots, results_markdown, router_markdown
 from reward import train_sft
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
+
+
+def preflight(run: Run) -> None:
+    """Every file the user handed in, read and checked before any stage starts: each row of each
+    JSONL file (safe_io.load_jsonl: fields, UTF-8, every image decoded in full) and its length
+    against the context of the model that will read it (models.check_lengths). An error names
+    file:line and the field; nothing has been trained yet."""
+    a = run.args
+    for name, path in run.user_data.items():
+        rows = run.rows(path, "pairs")
+        init = run.client_init(name)
+        models.check_lengths(rows, path, AutoProcessor.from_pretrained(init), models.context_length(init))
+    files = [(f, getattr(a, f)) for f in ("sft_data", "prompts", "eval") if getattr(a, f)]
+    if files:
+        # the server's model reads these: the user's --base, else the tiny Qwen2-VL the base is built as
+        base = Path(a.base) if a.base else run.tiny_dir("qwen2_vl")
+        proc, ctx = AutoProcessor.from_pretrained(base), models.context_length(base)
+        kinds = {"sft_data": "sft", "prompts": "prompts", "eval": "eval"}
+        for flag, path in files:
+            reserve = a.max_new_tokens if flag in ("prompts", "eval") else 0  # room to answer
+            models.check_lengths(run.rows(path, kinds[flag]), path, proc, ctx, reserve=reserve)
+        run.fed  # builds the federation from the files: a domain-less or empty split fails here
 
 
 def stage_base(run: Run) -> None:
@@ -302,7 +325,7 @@ _WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded
 # Relative cost of a GRPO job (training + test eval, 1 thread, measured on the default run with
 # 100 steps): Avg/Weighted RM and MoR score with every RM (77-89 s), NTS adds a bandit update
 # and a policy forward per step (82-87 s), single RMs take 67-73 s and the oracle about 62 s.
-JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor": 1.2, "mor_nts": 1.2, "mor_nts_batch": 1.2}
+JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor": 1.2, "mor_nts": 1.2}
 
 
 def _grpo_worker(job) -> tuple[str, None]:
@@ -331,12 +354,17 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
             cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
             cache["router"] = router.load_state(run.output("router"), make_router(run)())
         rms, router_state = cache["rms"], cache["router"]
-        if method.startswith("mor_nts"):
-            ts = nts.NeuralTS(weight_sources(run, router_state)["mor"], lam=a.nts_lambda, nu=a.nts_nu,
-                              update_steps=a.nts_update_steps, seed=seed)
-            fn = grpo.NTSReward(rms, ts, a.group, per_batch=method == "mor_nts_batch")
+        src = weight_sources(run, router_state)
+        # the prompt's domain, for the routing logs only (the evaluator's view; the bandit never reads it)
+        domains = {e.prompt: e.domain for e in fed.pool}
+        if method == "mor_hard":
+            fn = grpo.HardReward(rms, src["mor"], a.group, domains=domains)
+        elif method == "mor_nts":
+            ts = nts.NeuralTS(src["mor"], lam=a.nts_lambda, nu=a.nts_nu, update_steps=a.nts_update_steps, seed=seed)
+            fn = grpo.NTSReward(rms, ts, a.group, feedback=a.nts_feedback, probe=a.nts_probe,
+                                format_guard=a.format_guard, domains=domains, seed=seed)
         else:
-            fn = grpo.MixedReward(rms, weight_sources(run, router_state)[method])
+            fn = grpo.MixedReward(rms, src[method])
     # Every method starts from the same reference weights; only the reward differs. The seed
     # drives the prompt order and the sampling, so seeds measure RL noise.
     set_seed(seed)
@@ -363,6 +391,10 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
                                                    "malformed_share": r["malformed_share"],
                                                    "n": run.test_signature()})
         extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, grpo.NTSReward) else {}
+        if isinstance(fn, grpo.HardReward):  # NTSReward too: per-prompt routing log and own-domain share
+            own = {d: k for k, d in enumerate(fed.clients) if d in fed.test}
+            extra["routing_own_share"] = grpo.own_share(fn.log, own)
+            atomic_write_text(tmp / "routing_log.jsonl", "".join(json.dumps(x) + "\n" for x in fn.log))
         atomic_write_json(tmp / "grpo_log.json", dict(log, **extra, rm_calls=getattr(fn, "calls", None),
                                                       seconds=round(t_train, 1),
                                                       config=vars(grpo_config(run))))
@@ -458,6 +490,8 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             # RM rows scored per GRPO step (distinct samples x RMs run): soft mixtures pay K, hard
             # routing (NTS) and single RMs pay 1; the oracle pays none
             ev["rm_rows_per_step"] = sum(log.get("rm_calls") or [0]) / max(len(log["reward"]), 1)
+            if "routing_own_share" in log:
+                ev["routing_own_share"] = log["routing_own_share"]
             if "nts" in log:  # the bandit's choices: arm counts per domain, final variance, feedback rate
                 ev["nts"] = {"arm_counts": log["nts"]["arm_counts"], "rms": log["nts"]["rms"],
                              "final_variance": log["nts"]["steps"][-1]["variance"],
@@ -472,6 +506,14 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
             "rm_rows_per_step": _mean_std([e["rm_rows_per_step"] for e in per_seed]),
         }
+        if "routing_own_share" in per_seed[0]:  # hard routing: share of a domain's prompts sent to its own RM
+            share = {}
+            for d in per_seed[0]["routing_own_share"]:
+                share[d] = {}
+                for w in ("start", "end"):
+                    xs = [e["routing_own_share"][d][w] for e in per_seed if e["routing_own_share"][d][w] is not None]
+                    share[d][w] = sum(xs) / len(xs) if xs else None
+            out[method]["routing_own_share"] = share
         if "nts" in per_seed[0]:  # arm choices summed over seeds: share of prompts per (domain, RM)
             rms = per_seed[0]["nts"]["rms"]
             counts = {d: [sum(e["nts"]["arm_counts"].get(d, [0] * len(rms))[k] for e in per_seed)

@@ -422,6 +422,24 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
         model.load_state_dict(federated.fedavg([u.state for u in ups], [u.n for u in ups]))
         if kind == "vpa":
             pibar = mixture_prior(ups)  # V6
+            rv = getattr(cfg, "revive", 0.0)
+            if rv > 0 and r < cfg.rounds // 2:
+                usage = sum(u.usage for u in ups)
+                share = (usage / usage.sum()).clone()
+                sd = model.state_dict()
+                g = torch.Generator().manual_seed(seed * 7 + r)
+                for p in range(P):
+                    if share[p] < rv:
+                        dom = int(share.argmax())
+                        if share[dom] < 2 * rv:
+                            break
+                        v = sd["prototypes"][dom]
+                        sd["prototypes"][p] = v + 0.1 * v.norm() / math.sqrt(v.numel()) * torch.randn(v.shape, generator=g)
+                        sd["to_logits.weight"][p] = sd["to_logits.weight"][dom]
+                        sd["to_logits.bias"][p] = sd["to_logits.bias"][dom]
+                        share[dom] = share[p] = share[dom] / 2
+                        pibar = pibar.clone(); pibar[dom] = pibar[p] = (pibar[dom] + pibar[p]) / 2
+                model.load_state_dict(sd)
         log.append(_round_log(r, ups, clients, prior))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", acc=f"{log[-1]['acc']:.3f}")
     if kind == "vpa" and cfg.mixture_prior:

@@ -8,7 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# MOR_THREADS=1 when another job shares the two cores (torch's 2 threads then spin, DESIGN 7)
+# MOR_THREADS=1 when another job shares the two cores (torch's 2 threads then spin, docs/method.md, implementation notes)
 torch.set_num_threads(int(os.environ.get("MOR_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 import data  # noqa: E402

@@ -3,6 +3,7 @@ what a round costs. The figures of docs/flower.md come from these commands (run 
 
   python tests/flower_timing.py liveness [--round-timeout 120] [--rounds 3]
   python tests/flower_timing.py rounds [--rounds 6]
+  python tests/flower_timing.py idle
   FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1 python tests/flower_timing.py rounds     # Flower's default poll
 
 Both use the tests' synthetic caches (3 clients, D=16, K=3, 200-300 pairs, E=2): the rounds cost
@@ -13,6 +14,7 @@ liveness  SIGKILLs c1's SuperNode (and its ClientApp) as round 1 starts, then lo
           and the time the SuperLink itself recorded for c1 going offline (`flwr supernode ls`:
           offline-at, the end of its heartbeat patience, in whole seconds).
 rounds    the per-round wall seconds of a run without faults.
+idle      the CPU a started, idle federation uses (what the SuperExecs' task polling costs).
 """
 
 from __future__ import annotations
@@ -88,15 +90,44 @@ def round_times(rounds: int) -> dict:
             "launch_wall_s": s["seconds"]["launch_wall"]}
 
 
+def idle_cpu(seconds: float) -> dict:
+    """CPU seconds per second that a started but idle federation burns (SuperLink, 3 SuperNodes and
+    their SuperExecs polling for tasks), from /proc after start-up has settled."""
+    tmp = Path(tempfile.mkdtemp(prefix="mor-idle-"))
+    man, _, _ = _federation(tmp)
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(fed) -> float:  # utime + stime of every process the federation runs, in seconds
+        total = 0
+        for p in fed._procs:
+            for pid in flower_local._process_tree(p.pid):
+                try:
+                    total += sum(map(int, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+                except (OSError, ValueError):
+                    pass
+        return total / tick
+
+    with flower_local.LocalFederation(flower_fed.load_manifest(man)["caches"], tmp / "work", tmp / "logs",
+                                      verbose=False) as fed:
+        time.sleep(15)  # imports and registration done
+        c0, t0 = cpu(fed), time.time()
+        time.sleep(seconds)
+        used = cpu(fed) - c0
+    return {"task_poll_interval": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+                                                 flower_local.TASK_POLL_INTERVAL + " (launcher)"),
+            "idle_cpu_s_per_s": round(used / (time.time() - t0), 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("liveness", "rounds"))
+    p.add_argument("what", choices=("liveness", "rounds", "idle"))
     p.add_argument("--rounds", type=int, default=None, help="liveness: 3, rounds: 6")
     p.add_argument("--round-timeout", type=float, default=120.0, help="liveness: our wait for a round's replies")
     a = p.parse_args()
     torch.set_num_threads(1)
     t = time.time()
-    res = liveness(a.rounds or 3, a.round_timeout) if a.what == "liveness" else round_times(a.rounds or 6)
+    res = (liveness(a.rounds or 3, a.round_timeout) if a.what == "liveness" else
+           round_times(a.rounds or 6) if a.what == "rounds" else idle_cpu(30.0))
     res["wall_s"] = round(time.time() - t, 1)
     print(json.dumps(res))
 

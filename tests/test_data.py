@@ -77,7 +77,7 @@ def test_synthetic_captions_describe_the_drawn_image():
 
 def test_test_split_is_large_and_balanced(fed):
     for d, exs in fed.test.items():
-        assert len(exs) >= 1000, d  # DESIGN 4: >= 1,000 questions per domain
+        assert len(exs) >= 1000, d  # docs/benchmark.md: >= 1,000 questions per domain
         assert {e.domain for e in exs} == {d}
     pos = [e.answer for e in fed.test["position"]]
     assert pos.count("left") == pos.count("right") > 0
@@ -181,7 +181,7 @@ def test_tokenizer_and_encoder_round_trip(tiny_dirs, fed):
         assert got == tok.tokenize(r), (got, r)
     assert (ids[:, -1] != tok.pad_token_id).all()  # left padding: the last token is real
     img_id = model.config.image_token_id
-    assert torch.equal(b["mm_token_type_ids"].bool(), ids == img_id)  # M-RoPE needs them (DESIGN 7)
+    assert torch.equal(b["mm_token_type_ids"].bool(), ids == img_id)  # M-RoPE needs them (docs/method.md, implementation notes)
     assert ((ids == img_id).sum(1) == 16).all()  # 64x64, patch 4, merge 4 -> 16 image tokens
     gen = torch.tensor([[tok.convert_tokens_to_ids("red"), enc.eos_id, enc.pad_id],
                         [tok.convert_tokens_to_ids("left"), tok.convert_tokens_to_ids("left"),

@@ -1,4 +1,4 @@
-"""Bad input, faults and trust (issue 8): each protection has a test that fails without it.
+"""Bad input, faults and trust (docs/faults.md): each protection has a test that fails without it.
 
 Federated faults (a client that raises, hangs, or uploads a malformed or NaN state) and router
 uploads are in test_router.py; RM uploads with pickles or stray files in test_reward.py and
@@ -188,7 +188,7 @@ def test_nan_rewards_and_a_nan_loss_skip_their_grpo_step(tiny_dirs, fed, monkeyp
 _WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import mor
+import safe_io
 from pathlib import Path
 d, i = Path({d!r}), 0
 while True:  # rewrite all three kinds of artifact, as fast as the disk allows
@@ -246,7 +246,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         safe_io.atomic_write_json(tmp_path / "r.json", {"good": 0})
-    monkeypatch.setattr(data, "save_file", disk_full)
+    monkeypatch.setattr(safe_io, "save_file", disk_full)
     with pytest.raises(OSError):
         safe_io.atomic_save_file(tmp_path / "w.safetensors", {"w": torch.zeros(3)})
     assert json.loads((tmp_path / "r.json").read_text()) == {"good": 1}

@@ -178,3 +178,18 @@ def test_own_task_files_reproduce_the_embedded_run(tmp_path):
     for m in ("oracle", "mor", "avg_rm"):
         assert a["methods"][m]["accuracy"] == b["methods"][m]["accuracy"], m
     assert "no oracle row" not in (own / "results-own.md").read_text()
+
+
+def test_progress_prints_plain_lines_in_a_log_or_a_worker(monkeypatch, capsys):
+    """Off a terminal (a log file, a worker process) a loop prints one full line per interval and
+    its final state, with the postfix figures; never one line per update."""
+    import progress
+
+    monkeypatch.setenv(progress.PLAIN_ENV, "1")
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 3600.0)
+    bar = progress.Progress(range(50), desc="grpo mor s0")
+    for i in bar:
+        bar.set_postfix(reward=f"{i:.1f}")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("grpo mor s0: 100%") and "50/50" in lines[0]
+    assert "reward=49.0" in lines[0]
