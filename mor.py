@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+import federated
 import models
 import nts
 import router
@@ -105,6 +106,10 @@ def parse_args(argv=None):
     p.add_argument("--route-on", choices=list(router.CONTEXTS), default="prompt+response",
                    help="what of e(x, y) the router reads: E2's prompt+response, or the prompt only")
     p.add_argument("--router-hidden", type=int, default=64, help="router MLP width")
+    p.add_argument("--aggregate", choices=list(federated.RULES), default=federated.DEFAULT_RULE,
+                   help="how a round's router uploads are combined (E4): fedavg (weights n_k), median or trimmed "
+                        "(coordinate-wise), crossval (uploads that raise the other clients' routing loss are "
+                        "left out); see federated.py")
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
     p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
     p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2; --quick 0)")

@@ -39,7 +39,7 @@ import router
 from evaluate import JUDGES, evaluate, win_rate
 from pipeline import (PRETRAIN_IMAGES, SETTINGS, WEAK_CLIENT, Run, grpo_config, make_router, methods,
                       policy_dir, set_seed, trained_methods, weight_sources)
-from report import _chance, _mean_std, _moving_max, gates, matrix_markdown, plots, results_markdown, router_markdown
+from report import _chance, _mean_std, _moving_max, claims, gates, paired_comparisons, matrix_markdown, plots, results_markdown, router_markdown
 from reward import train_sft
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
@@ -273,11 +273,12 @@ def stage_router(run: Run) -> None:
 
     t = time.time()
     log = federated.run_rounds(model, make, list(clients.values()), a.rounds, a.local_epochs, a.router_lr,
-                               a.router_batch, a.client_fraction, a.seed, on_round=held_out)
+                               a.router_batch, a.client_fraction, a.seed, on_round=held_out, aggregate=a.aggregate)
     rounds_s = time.time() - t
     for e in log:
         tqdm.write(f"round {e['round']:3d}: routing loss {e['loss']:.4f}, held-out pair accuracy "
-                   + ", ".join(f"{k} {100 * v:.1f}" for k, v in e["heldout_acc"].items()))
+                   + ", ".join(f"{k} {100 * v:.1f}" for k, v in e["heldout_acc"].items())
+                   + (f"; left out: {', '.join(e['rejected'])}" if e.get("rejected") else ""))
     # The comparison the issue asks for: held-out pair accuracy of the mixed reward per domain for
     # MoR and every fixed-weight baseline, each number computed by the client owning the domain.
     sources = weight_sources(run, model.state_dict())
@@ -285,7 +286,7 @@ def stage_router(run: Run) -> None:
     w = {k: c.routing_weights(model) for k, c in clients.items()}  # [2N_k, K] per domain
     weights = {k: dict(zip(names, wk.mean(0).tolist())) for k, wk in w.items()}
     entropy = {k: router.routing_entropy(wk) for k, wk in w.items()}
-    summary = {"setting": a.setting, "rms": names, "heldout_pair_accuracy": acc, "routing_weights": weights,
+    summary = {"setting": a.setting, "aggregate": a.aggregate, "rms": names, "heldout_pair_accuracy": acc, "routing_weights": weights,
                "routing_entropy": entropy, "max_entropy": math.log(len(names)), "rounds": log,
                "seconds": {"precompute": round(prep, 1), "rounds": round(rounds_s, 2)}}
     atomic_write_json(run.dir / f"router-{a.setting}.json", summary)
@@ -448,6 +449,9 @@ def stage_eval(run: Run) -> None:
     if run.output("grpo").exists():
         results["methods"] = evaluate_methods(run, ref["correct"])
     results["gates"] = {} if own else gates(results)
+    if results.get("methods"):
+        results["paired"] = paired_comparisons(results)
+        results["claims"] = claims(results)
     main_table = run.dir / "results.json"
     if WEAK_CLIENT in SETTINGS[run.args.setting] and main_table.exists() and "methods" in results:
         # the bucket effect: the same methods and seeds without the weak client (the main table)
@@ -490,6 +494,7 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             # RM rows scored per GRPO step (distinct samples x RMs run): soft mixtures pay K, hard
             # routing (NTS) and single RMs pay 1; the oracle pays none
             ev["rm_rows_per_step"] = sum(log.get("rm_calls") or [0]) / max(len(log["reward"]), 1)
+            ev["seconds_per_step"] = log.get("seconds", 0.0) / max(len(log["reward"]), 1)
             if "routing_own_share" in log:
                 ev["routing_own_share"] = log["routing_own_share"]
             if "nts" in log:  # the bandit's choices: arm counts per domain, final variance, feedback rate
@@ -498,6 +503,7 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
                              "feedback_rate": sum(x["feedback"] or 0 for x in log["nts"]["steps"]) / len(log["nts"]["steps"])}
             per_seed.append(ev)
         doms = list(fed.test)
+        n_q = {k: len(fed.test[k]) for k in doms}  # overall = question-weighted over domains
         out[method] = {
             "accuracy": {k: _mean_std([e["accuracy"][k] for e in per_seed]) for k in doms},
             "win_rate": {k: _mean_std([e["win_rate"][k] for e in per_seed]) for k in doms},
@@ -505,6 +511,12 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "eval_malformed_share": _mean_std([e["malformed_share"] for e in per_seed]),
             "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
             "rm_rows_per_step": _mean_std([e["rm_rows_per_step"] for e in per_seed]),
+            "seconds_per_step": _mean_std([e["seconds_per_step"] for e in per_seed]),
+            # per seed, in run.args.seeds order: what the paired comparisons (stats.py) read
+            "per_seed": {"seeds": list(run.args.seeds),
+                         "accuracy": {k: [e["accuracy"][k] for e in per_seed] for k in doms},
+                         "overall": [sum(e["accuracy"][k] * n_q[k] for k in doms) / sum(n_q.values())
+                                     for e in per_seed]},
         }
         if "routing_own_share" in per_seed[0]:  # hard routing: share of a domain's prompts sent to its own RM
             share = {}

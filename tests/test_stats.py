@@ -1,0 +1,60 @@
+"""Paired statistics (stats.py) and the generated comparison and claims tables (report.py)."""
+import math
+
+import pytest
+
+import report
+import stats
+
+
+@pytest.mark.parametrize("nu,q", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)])
+def test_t_quantiles_match_the_tables(nu, q):
+    assert stats.t_quantile(0.975, nu) == pytest.approx(q, abs=1e-3)
+
+
+def test_t_cdf_matches_closed_forms():
+    # nu = 1 is the Cauchy distribution; nu = 2 has F(t) = 1/2 + t / (2 sqrt(t^2 + 2))
+    for t in (-3.0, -0.5, 0.0, 0.7, 4.0):
+        assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-10)
+        assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-10)
+
+
+def test_paired_difference_by_hand():
+    a, b = [0.90, 0.88, 0.91, 0.87, 0.90], [0.85, 0.86, 0.90, 0.88, 0.86]
+    d = [0.05, 0.02, 0.01, -0.01, 0.04]
+    mean = sum(d) / 5
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 4 / 5)
+    c = stats.paired(a, b)
+    assert c["mean"] == pytest.approx(mean) and c["n"] == 5 and c["wins"] == 4
+    assert c["ci95_low"] == pytest.approx(mean - 2.7764 * se, abs=1e-5)
+    assert c["ci95_high"] == pytest.approx(mean + 2.7764 * se, abs=1e-5)
+    assert c["p"] == pytest.approx(2 * (1 - stats.t_cdf(mean / se, 4)))
+    assert 0.05 < c["p"] < 0.2  # t = 2.06 on 4 df
+    assert stats.verdict(c) == "not settled"
+    assert stats.verdict(stats.paired([1, 2, 3.5], [0, 1, 2])) == "holds"
+    assert stats.verdict(stats.paired([0, 1, 2], [1, 2, 3.5])) == "does not hold"
+    assert stats.paired([1.0], [0.5])["ci95_low"] is None
+
+
+def _method(overall, seeds=(0, 1, 2)):
+    return {"per_seed": {"seeds": list(seeds), "overall": overall,
+                         "accuracy": {"color": overall, "shape": [x - 0.1 for x in overall]}}}
+
+
+def test_paired_comparisons_and_claims_are_generated_from_the_seeds():
+    r = {"domains": ["color", "shape"], "methods": {
+        "mor": _method([0.90, 0.91, 0.89]), "avg_rm": _method([0.85, 0.87, 0.86]),
+        "rm_color": _method([0.30, 0.31, 0.32]), "rm_shape": _method([0.50, 0.20, 0.21]),
+        # trained on seeds 1, 2 only: compared with MoR on the two seeds both have
+        "mor_nts": _method([0.80, 0.95], seeds=(1, 2))}}
+    r["paired"] = report.paired_comparisons(r)
+    assert set(r["paired"]) == {"mor-avg_rm", "mor-best_single_rm", "mor_nts-mor"}
+    assert r["paired"]["mor-best_single_rm"]["vs"] == "rm_color"  # mean 0.310 against rm_shape's 0.303
+    nts = r["paired"]["mor_nts-mor"]
+    assert nts["seeds"] == [1, 2] and nts["overall"]["mean"] == pytest.approx(((0.80 - 0.91) + (0.95 - 0.89)) / 2)
+    assert r["paired"]["mor-avg_rm"]["shape"]["mean"] == pytest.approx(r["paired"]["mor-avg_rm"]["overall"]["mean"])
+    r["claims"] = report.claims(r)
+    cl = {c["comparison"]: c["verdict"] for c in r["claims"]}
+    assert cl == {"mor - avg_rm": "holds", "mor - rm_color": "holds", "mor_nts - mor": "not settled"}
+    md = "\n".join(report.paired_markdown(r))
+    assert "| MoR beats the plain average of the client RMs (Avg RM) | mor - avg_rm |" in md and "holds" in md
