@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from flower_app import LOG_PREFIX
 
 
-TASK_POLL_INTERVAL = "0.1"  # seconds, for every SuperExec the launcher starts (LocalFederation._env)
 SUPERLINK_NAME = "mor-local"  # the SuperLink connection `flwr run` uses (in the launch's own FLWR_HOME)
 
 
@@ -160,12 +159,11 @@ class LocalFederation:
                    FLWR_DISABLE_UPDATE_CHECK="1",
                    OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        # Each SuperLink / SuperNode starts a SuperExec that asks it for new tasks (a ServerApp or
-        # ClientApp process to launch) every FLWR_SUPEREXEC_TASK_POLL_INTERVAL s, 1 s by default:
-        # up to that long between a message reaching a SuperNode and its ClientApp starting, every
-        # round. Polling loopback every 0.1 s costs nothing (docs/flower.md: round times with both);
-        # a value already in the environment wins.
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL)
+        # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (inherited if set, else Flower's 1 s) is how often each
+        # SuperExec asks its SuperLink / SuperNode for a task (a ServerApp or ClientApp process to
+        # start). Left alone: polling faster shortens the wait before each ClientApp starts, but
+        # every SuperExec then burns CPU all the time, which made rounds slower on 2 shared cores
+        # (docs/flower.md has the measurements).
         # SuperExec finds flwr-serverapp / flwr-clientapp on PATH: this interpreter's bin/ first.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         flwr_home.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,10 @@ def parse_args(argv=None):
                    help="how a round's router uploads are combined (E4): fedavg (weights n_k), median or trimmed "
                         "(coordinate-wise), crossval (uploads that raise the other clients' routing loss are "
                         "left out); see federated.py")
+    p.add_argument("--router-withhold", default=None, metavar="NAME",
+                   help="the shift scenario: client NAME's RM stays one of the K arms, but NAME takes no part "
+                        "in the router's rounds (as if it joined after the router was trained), so the router "
+                        "starts wrong on NAME's prompts and online routing (mor_nts) must recover them")
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
     p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
     p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2; --quick 0)")
@@ -229,6 +233,9 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
     for k in ("prompts", "eval", "sft_data"):
         if getattr(a, k) and not os.path.isfile(getattr(a, k)):
             p.error(f"{flag(k)} {getattr(a, k)}: file not found")
+    if a.router_withhold is not None and a.router_withhold not in [*SETTINGS[a.setting], *user]:
+        p.error(f"--router-withhold {a.router_withhold!r}: not a client of the {a.setting} setting "
+                f"({[*SETTINGS[a.setting], *user]})")
     if a.setting == "own" and not user:
         p.error("--setting own: the federation is the clients you bring; give at least one --client-data NAME=FILE")
     # A checkpoint directory is checked in full now (config, safetensors headers, no remote code,

@@ -204,7 +204,7 @@ class Run:
         return {"stage": "router", "reference": provenance.digest(self.sft_inputs()), "rms": self.rm_digests(),
                 "rounds": a.rounds, "local_epochs": a.local_epochs, "lr": a.router_lr, "batch": a.router_batch,
                 "pairs": a.router_pairs, "route_on": a.route_on, "hidden": a.router_hidden,
-                "fraction": a.client_fraction, "seed": a.seed, "aggregate": a.aggregate}
+                "fraction": a.client_fraction, "seed": a.seed, "aggregate": a.aggregate, "withheld": a.router_withhold}
 
     def policy_inputs(self, method: str, seed: int) -> dict:
         a = self.args

@@ -39,8 +39,9 @@ def router_markdown(s: dict) -> str:
 
 def plots(run: Run) -> None:
     """grpo-<setting>.png: reward and on-the-fly sampled accuracy over GRPO steps per method
-    (10-step moving average, seeds averaged); routing-<setting>.png: the router's mean weight
-    per (domain, RM). matplotlib is optional: without it, one line says so."""
+    (10-step moving average, seeds averaged); routing-share-<setting>.png: hard routing's
+    own-domain share per step; routing-<setting>.png: the router's mean weight per (domain, RM).
+    matplotlib is a requirement, but a stripped environment without it prints one line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -71,6 +72,30 @@ def plots(run: Run) -> None:
         fig.tight_layout()
         atomic_savefig(fig, run.dir / f"grpo-{setting}.png")
         plt.close(fig)
+    # routing-share-<setting>.png: for each hard-routing method, the share of each domain's
+    # prompts sent to that domain's own client RM at every GRPO step (seeds pooled, 5-step moving
+    # average): does online routing keep, lose or recover what the federated router knows?
+    if run.output("grpo").exists():
+        own = {d: k for k, d in enumerate(run.fed.clients) if d in run.fed.test}
+        curves = {}
+        for method in trained_methods(run):
+            logs = [policy_dir(run, method, s) / "routing_log.jsonl" for s in run.args.seeds]
+            if own and all(f.exists() for f in logs):
+                rows = [json.loads(x) for f in logs for x in f.read_text().splitlines()]
+                for d, k in own.items():
+                    steps = sorted({x["step"] for x in rows if x["domain"] == d})
+                    hits = [[x["arm"] == k for x in rows if x["domain"] == d and x["step"] == s] for s in steps]
+                    curves[method, d] = [sum(h) / len(h) for h in hits]
+        if curves:
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for (method, d), ys in curves.items():
+                ax.plot(smooth(ys, 5), label=f"{method}: {d}")
+            ax.set(title=f"share of a domain's prompts routed to its own RM ({setting})", xlabel="GRPO step",
+                   ylim=(-0.02, 1.02))
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            atomic_savefig(fig, run.dir / f"routing-share-{setting}.png")
+            plt.close(fig)
     summary = run.dir / f"router-{setting}.json"
     if summary.exists():
         r = json.loads(summary.read_text())

@@ -175,7 +175,9 @@ class RewardModel(nn.Module):
         for need in ("backbone", "head.safetensors", "reward.json"):
             if not (path / need).exists():
                 raise FileNotFoundError(f"{path}: not a reward-model directory (missing {need})")
-        stray = [f.name for f in path.iterdir() if f.name not in ("backbone", "head.safetensors", "reward.json")]
+        # provenance.json: what made the upload (provenance.py), a JSON record read by no loader
+        allowed = ("backbone", "head.safetensors", "reward.json", "provenance.json")
+        stray = [f.name for f in path.iterdir() if f.name not in allowed]
         if stray:
             raise ValueError(f"{path}: unexpected file(s) {sorted(stray)} in a reward-model upload; refused")
         info = json.loads((path / "reward.json").read_text())

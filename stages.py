@@ -272,7 +272,9 @@ def stage_router(run: Run) -> None:
         return {"heldout_acc": {k: c.mixed_accuracy(m) for k, c in clients.items()}}
 
     t = time.time()
-    log = federated.run_rounds(model, make, list(clients.values()), a.rounds, a.local_epochs, a.router_lr,
+    # the shift scenario: the withheld client's RM is an arm, but its pairs never train the router
+    members = [c for k, c in clients.items() if k != a.router_withhold]
+    log = federated.run_rounds(model, make, members, a.rounds, a.local_epochs, a.router_lr,
                                a.router_batch, a.client_fraction, a.seed, on_round=held_out, aggregate=a.aggregate)
     rounds_s = time.time() - t
     for e in log:
@@ -286,7 +288,8 @@ def stage_router(run: Run) -> None:
     w = {k: c.routing_weights(model) for k, c in clients.items()}  # [2N_k, K] per domain
     weights = {k: dict(zip(names, wk.mean(0).tolist())) for k, wk in w.items()}
     entropy = {k: router.routing_entropy(wk) for k, wk in w.items()}
-    summary = {"setting": a.setting, "aggregate": a.aggregate, "rms": names, "heldout_pair_accuracy": acc, "routing_weights": weights,
+    summary = {"setting": a.setting, "aggregate": a.aggregate, "withheld": a.router_withhold, "rms": names,
+               "heldout_pair_accuracy": acc, "routing_weights": weights,
                "routing_entropy": entropy, "max_entropy": math.log(len(names)), "rounds": log,
                "seconds": {"precompute": round(prep, 1), "rounds": round(rounds_s, 2)}}
     atomic_write_json(run.dir / f"router-{a.setting}.json", summary)
