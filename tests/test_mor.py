@@ -51,7 +51,7 @@ def test_evaluate_counts_on_a_hand_made_case(monkeypatch):
                       data.Example("c", "q", "green", "color")],
             "shape": [data.Example("d", "q", "circle", "shape")]}
     answers = {"a": "red<|im_end|>", "b": "red<|im_end|>", "c": "green", "d": "circle<|im_end|>"}
-    monkeypatch.setattr(mor, "generate", lambda m, e, images, prompts, **k: [answers[i] for i in images])
+    monkeypatch.setattr(evaluate, "generate", lambda m, e, images, prompts, **k: [answers[i] for i in images])
     out = evaluate.evaluate(torch.nn.Linear(1, 1), None, test, batch_size=2)
     assert out["correct"] == {"color": [1, 0, 0], "shape": [1]}  # 'green' lacks the end token
     assert out["accuracy"]["color"] == pytest.approx(1 / 3) and out["accuracy"]["shape"] == 1.0

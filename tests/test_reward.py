@@ -67,6 +67,7 @@ def test_tiny_rm_beats_chance_on_its_domain(rm, fed):
     assert rm.std > 0
 
 
+@pytest.mark.slow
 def test_format_pairs_teach_the_form_on_other_domains_prompts(tiny_dirs, fed):
     """A colour client's RM scores shape and position prompts too when used alone. Trained on its
     own pairs only, it has never seen those prompts; with format pairs on public questions in its
