@@ -204,6 +204,7 @@ class FedConfig:
     num_rms: int = 0             # checked when the initial state is loaded (0: unchecked)
     hidden: int = 64             # router MLP width (mor.py --router-hidden)
     route_on: str = "prompt+response"
+    aggregate: str = "fedavg"    # federated.aggregate's rule (mor.py --aggregate); crossval: in-process only
     min_clients: int = 1         # a round with fewer valid replies fails the run (run_rounds: 1)
     round_timeout: float = 600.0  # seconds to wait for a round's replies (run_rounds' timeout_s)
     node_wait_timeout: float = 120.0  # seconds to wait for the SuperNodes to connect at the start
@@ -245,6 +246,11 @@ class FedConfig:
         for key, is_bad in bad.items():
             if is_bad:
                 raise ValueError(f"run config '{key}': invalid value {getattr(self, key.replace('-', '_'))!r}")
+        if self.aggregate not in federated.RULES or self.aggregate == "crossval":
+            # crossval needs one more exchange (every client judges the round's uploads) that the
+            # Flower apps do not implement yet: the in-process rounds (mor.py) have it
+            raise ValueError(f"run config 'aggregate': {self.aggregate!r} is not available over Flower; "
+                             f"one of {[r for r in federated.RULES if r != 'crossval']}")
         names = self.client_names()
         if len(set(names)) != len(names):
             raise ValueError(f"run config 'clients': duplicate names in {names}")
@@ -366,9 +372,9 @@ def parse_train_reply(name: str, msg: Message, reference: dict[str, torch.Tensor
 
 
 def aggregate_round(rnd: int, sampled: list[str], uploads: dict[str, tuple], dropped: dict[str, str],
-                    min_clients: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
-    """E4 on the valid uploads {name: (phi_k, n_k, loss_k)} of a round: federated.fedavg in the
-    sampled order (run_rounds' order, so float64 accumulation rounds identically) and the n_k-
+                    min_clients: int = 1, rule: str = "fedavg") -> tuple[dict[str, torch.Tensor], dict]:
+    """E4 on the valid uploads {name: (phi_k, n_k, loss_k)} of a round: federated.aggregate(rule)
+    in the sampled order (run_rounds' order, so float64 accumulation rounds identically) and the n_k-
     weighted routing loss, computed with run_rounds' own expression. Fewer than `min_clients`
     valid replies -> RuntimeError naming who answered and why the others dropped."""
     order = [c for c in sampled if c in uploads]
@@ -376,7 +382,7 @@ def aggregate_round(rnd: int, sampled: list[str], uploads: dict[str, tuple], dro
         raise RuntimeError(f"round {rnd}: {len(order)} valid repl{'y' if len(order) == 1 else 'ies'} "
                            f"({order}), fewer than min-clients={min_clients}; dropped: {dropped}")
     ups = [uploads[c] for c in order]
-    state = federated.fedavg([u[0] for u in ups], [u[1] for u in ups])
+    state = federated.aggregate(rule, [u[0] for u in ups], [u[1] for u in ups])
     n = sum(u[1] for u in ups)
     loss = sum(u[1] * u[2] for u in ups) / n  # n_k-weighted mean of the local losses
     return state, {"round": rnd, "clients": order, "dropped": {c: dropped[c] for c in sampled if c in dropped},
@@ -528,7 +534,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
                         uploads[c] = parse_train_reply(c, rep, reference)
                     except Rejected as e:
                         dropped[c] = f"rejected: {e}"
-                state, entry = aggregate_round(r, sampled, uploads, dropped, cfg.min_clients)
+                state, entry = aggregate_round(r, sampled, uploads, dropped, cfg.min_clients, cfg.aggregate)
                 entry["seconds"] = round(time.monotonic() - t, 3)
                 summary["rounds"].append(entry)
                 _say(f"round {r:3d}: routing loss {entry['loss']:.4f}, answered {', '.join(entry['clients'])}"

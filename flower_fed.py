@@ -56,7 +56,7 @@ MANIFEST_FORMAT = "mor-flower-manifest/1"
 # Manifest: a federation on disk (client order, cache per client, initial router, hyperparameters)
 # ----------------------------------------------------------------------------------------------
 
-CONFIG_KEYS = ("rounds", "local_epochs", "lr", "batch_size", "fraction", "seed", "hidden", "route_on")
+CONFIG_KEYS = ("rounds", "local_epochs", "lr", "batch_size", "fraction", "seed", "hidden", "route_on", "aggregate")
 
 
 def write_manifest(out_dir: str | Path, caches: dict[str, str | Path], init_state: dict[str, torch.Tensor],
@@ -268,7 +268,7 @@ def prepare(run_dir: str | Path, setting: str = "heterogeneous", mor_argv: list[
     path = write_manifest(out, {k: path_for(c) for k, c in clients.items()}, model.state_dict(),
                           rounds=a.rounds, local_epochs=a.local_epochs, lr=a.router_lr, batch_size=a.router_batch,
                           fraction=a.client_fraction, seed=a.seed, hidden=a.router_hidden, route_on=a.route_on,
-                          setting=setting, run_dir=str(run_dir), prepare_seconds=round(seconds, 1))
+                          aggregate=a.aggregate, setting=setting, run_dir=str(run_dir), prepare_seconds=round(seconds, 1))
     print(f"prepare: {len(clients)} client caches, initial router and manifest in {out} ({seconds:.1f}s)")
     return path
 
@@ -293,7 +293,8 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
     model.load_state_dict(routing.load_state(man["init"], model))
     t = time.perf_counter()
     log = federated.run_rounds(model, make, clients, cfg.rounds, cfg.local_epochs, cfg.lr, cfg.batch_size,
-                               cfg.fraction, cfg.seed, timeout_s=cfg.round_timeout, desc="in-process rounds")
+                               cfg.fraction, cfg.seed, timeout_s=cfg.round_timeout, desc="in-process rounds",
+                               aggregate=cfg.aggregate)
     seconds = time.perf_counter() - t
     acc = {c.name: c.mixed_accuracy(model) for c in clients if c.heldout_pairs}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

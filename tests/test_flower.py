@@ -72,7 +72,7 @@ def _federation(tmp: Path, sizes=(("c0", 300, 320), ("c1", 200, 260), ("c2", 250
     return man, raw, init.state_dict()
 
 
-def _in_process(raw, init_state, rounds, epochs=2, fraction=1.0, seed=0, fail=None):
+def _in_process(raw, init_state, rounds, epochs=2, fraction=1.0, seed=0, fail=None, aggregate="fedavg"):
     """federated.run_rounds with the same arguments; fail = {client: rounds in which it fails}."""
     fail = fail or {}
 
@@ -93,7 +93,8 @@ def _in_process(raw, init_state, rounds, epochs=2, fraction=1.0, seed=0, fail=No
 
     model = make()
     model.load_state_dict(init_state)
-    log = federated.run_rounds(model, make, clients, rounds, epochs, 1e-2, 64, fraction, seed, desc="ref")
+    log = federated.run_rounds(model, make, clients, rounds, epochs, 1e-2, 64, fraction, seed, desc="ref",
+                               aggregate=aggregate)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, log
 
 
@@ -225,6 +226,21 @@ def test_server_loop_equals_run_rounds_with_client_sampling(tmp_path, task_ident
         assert summary["evaluate"][name]["heldout_accuracy"] == pytest.approx(c.mixed_accuracy(model), abs=1e-9)
     assert json.loads(Path(cfg.summary_path).read_text())["status"] == "ok"
     assert len(Path(cfg.progress_path).read_text().splitlines()) == 4
+
+
+def test_server_loop_shares_the_robust_aggregation_of_run_rounds(tmp_path, task_identity):
+    """--aggregate median over Flower is federated.aggregate's median, as in the in-process rounds
+    (and differs from FedAvg); crossval, which needs a judging exchange, is refused by name."""
+    man, raw, init = _federation(tmp_path)
+    cfg, m = _server_cfg(man, tmp_path, rounds=3, aggregate="median")
+    flower_app.run_federation(InProcessGrid(m["caches"], cfg.to_run_config()), cfg)
+    want, _ = _in_process(raw, init, rounds=3, aggregate="median")
+    fedavg, _ = _in_process(raw, init, rounds=3)
+    got = load_file(cfg.out_path)
+    assert flower_fed.max_abs_diff(got, want) <= 1e-5 < flower_fed.max_abs_diff(got, fedavg)
+    cfg.aggregate = "crossval"
+    with pytest.raises(ValueError, match="'aggregate': 'crossval' is not available over Flower"):
+        cfg.check()
 
 
 def test_server_loop_drops_silent_and_corrupt_clients_and_enforces_min_clients(tmp_path, task_identity):
