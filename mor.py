@@ -3,8 +3,10 @@
   python mor.py [--quick] [--run-dir runs/default] [--stages base,sft,...] [--full]
 
 runs the stages of stages.py in order (base, sft, reward, router, grpo, eval) into one run
-directory. Each stage writes its output atomically, so a killed run resumes at the first stage
-whose output is missing. `python mor.py --help` lists every flag; docs/method.md has the method.
+directory. Every flag is range-checked and every user file read before any work starts. Each stage
+writes its outputs atomically with the inputs that made them (provenance.py): a killed run resumes
+at the first missing output, and a rerun with other flags, clients or data redoes exactly what they
+change. `python mor.py --help` lists every flag; docs/method.md has the method.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import federated
 import models
 import nts
 import router
+import safe_io
+from evaluate import JUDGES
 from pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, QUICK, SETTINGS, STAGE_OUTPUT, USER_FAMILY, Run,
                       methods)
-from evaluate import JUDGES
 from report import results_markdown
-import safe_io
 from safe_io import atomic_write_json, atomic_write_text
 from stages import STAGES, preflight
 
@@ -42,9 +44,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="where every stage writes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the init and every sampler")
-    p.add_argument("--quick", action="store_true", help="smoke-run sizes: small steps, 96 test questions/domain (a check, not a result)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-run sizes: small steps, 96 test questions/domain (a check, not a result)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
-    p.add_argument("--force", action="store_true", help="rerun the named stages even if their output exists")
+    p.add_argument("--force", action="store_true", help="redo the named stages (every client's RM and every (method, seed) policy in them) "
+                        "even if their outputs are fresh")
     p.add_argument("--base", default=None, help="a local Qwen2-VL/Qwen2.5-VL checkpoint dir to use as the base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (cuda loads in bf16); default: cuda when available")

@@ -39,7 +39,8 @@ import router
 from evaluate import JUDGES, evaluate, win_rate
 from pipeline import (PRETRAIN_IMAGES, SETTINGS, WEAK_CLIENT, Run, grpo_config, make_router, methods,
                       policy_dir, set_seed, trained_methods, weight_sources)
-from report import _chance, _mean_std, _moving_max, claims, gates, paired_comparisons, matrix_markdown, plots, results_markdown, router_markdown
+from report import (_chance, _mean_std, _moving_max, claims, gates, matrix_markdown, paired_comparisons, plots,
+                    results_markdown, router_markdown)
 from reward import train_sft
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
@@ -124,7 +125,7 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
     todo = []
     for name in clients:
         if not a.force and run.fresh(run.rm_dir(name), run.rm_inputs(name), f"reward {name}"):  # resume
-            tqdm.write(f"reward {name}: {run.rm_dir(name)} exists, kept")
+            tqdm.write(f"reward {name}: {run.rm_dir(name)} is fresh, kept")
         else:
             run.client_init(name)  # built here, once: two workers must not race for one family dir
             todo.append(name)
@@ -309,7 +310,7 @@ def stage_grpo(run: Run) -> None:
     todo = [(m, s) for m, s in jobs
             if a.force or not run.fresh(policy_dir(run, m, s), run.policy_inputs(m, s), f"grpo {m} s{s}")]
     for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
-        tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} exists, kept")
+        tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} is fresh, kept")
     if a.workers > 1 and len(todo) > 1:
         # the costliest jobs first (they score with the most RMs), so the pool does not end on
         # one long job with the other worker idle
