@@ -42,12 +42,14 @@ UPSTREAM = {"base": [], "sft": ["base"], "reward": [], "router": ["sft", "reward
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # -- the run: where, which stages, how many processes ---------------------------------------
     p.add_argument("--run-dir", default="runs/default", help="where every stage writes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the init and every sampler")
     p.add_argument("--quick", action="store_true",
                    help="smoke-run sizes: small steps, 96 test questions/domain (a check, not a result)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
-    p.add_argument("--force", action="store_true", help="redo the named stages (every client's RM and every (method, seed) policy in them) "
+    p.add_argument("--force", action="store_true",
+                   help="redo the named stages (every client's RM and every (method, seed) policy in them) "
                         "even if their outputs are fresh")
     p.add_argument("--base", default=None, help="a local Qwen2-VL/Qwen2.5-VL checkpoint dir to use as the base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -58,6 +60,8 @@ def parse_args(argv=None):
                    help="client RMs and GRPO jobs (method x seed) run side by side, one torch thread each "
                         "(default: 2 on a CPU with >= 2 cores, 1 on CUDA; results depend on it, "
                         "as on --threads)")
+    # -- the server's reference policy: caption pre-training of the tiny base, then SFT on the
+    #    public split (a real --base checkpoint skips the pre-training) --------------------------
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="caption pre-training steps of the tiny base (default 600, --quick 5; 0: none)")
     p.add_argument("--sft-steps", type=int, default=None, help="reference SFT steps (default 300, --quick 40)")
@@ -67,6 +71,7 @@ def parse_args(argv=None):
                         "onto 'rectangle' in one of two runs, docs/benchmark.md)")
     p.add_argument("--pretrain-lr", type=float, default=1e-3, help="AdamW learning rate of the caption pre-training")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
+    # -- the federation: who the clients are, which VLM each holds, what data they bring --------
     p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
                    help="the federation: heterogeneous (the benchmark's three clients on LLaVA-OV / "
                         "Qwen2.5-VL / Qwen2-VL), homogeneous (all Qwen2-VL, adds FedAvg-RM), bucket "
@@ -74,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help="the main table, then the homogeneous setting, then the bucket effect "
                         f"({BUCKET_METHODS})")
+    # -- your own task: the server-side data that replaces the embedded benchmark's ------------
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="your own GRPO prompt pool: JSONL with image, prompt (optional: domain, answer; "
                         "answers on every row enable the oracle row), image paths relative to the file")
@@ -94,6 +100,7 @@ def parse_args(argv=None):
                    help="add client NAME with its own preference pairs: a JSONL file with image, prompt, "
                         "chosen, rejected per line, image paths relative to the file (repeatable); its RM "
                         f"starts from --client-model NAME=DIR or the tiny {USER_FAMILY}")
+    # -- E1: each client's reward model, trained on its own pairs only --------------------------
     p.add_argument("--rm-sft-steps", type=int, default=None, help="client SFT warm-up steps (default 300, --quick 20)")
     p.add_argument("--rm-steps", type=int, default=None, help="client Bradley-Terry steps (default 300, --quick 20)")
     p.add_argument("--rm-batch", type=int, default=32, help="pairs per BT step")
@@ -101,6 +108,7 @@ def parse_args(argv=None):
                    help="format-only pairs on public questions per own pair in each client's BT data "
                         "(default %(default).2f; 0: none); see data.format_pairs")
     p.add_argument("--rm-lr", type=float, default=3e-4, help="AdamW learning rate of the BT phase")
+    # -- E2-E4: the router, trained by federated rounds ------------------------------------------
     p.add_argument("--rounds", type=int, default=None, help="federated router rounds R (default 30, --quick 5)")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs E per client per round")
     p.add_argument("--router-lr", type=float, default=1e-3, help="AdamW learning rate of a client's router step")
@@ -119,6 +127,7 @@ def parse_args(argv=None):
                         "in the router's rounds (as if it joined after the router was trained), so the router "
                         "starts wrong on NAME's prompts and online routing (mor_nts) must recover them")
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
+    # -- E5/E8: GRPO of a copy of the reference for every method and seed ------------------------
     p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
     p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2; --quick 0)")
     p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 80, --quick 3)")
@@ -129,6 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--no-format-guard", dest="format_guard", action="store_false",
                    help="let malformed samples keep their reward (default: they rank last in their group, "
                         "grpo.format_guard)")
+    # -- E6-E7: online routing by Neural Thompson Sampling (mor_nts) -------------------------------
     p.add_argument("--nts-lambda", type=float, default=1.0,
                    help="NTS prior precision lambda (E6): pulls the residual back to the router")
     p.add_argument("--nts-nu", type=float, default=0.3, help="NTS exploration scale nu (E6); 0: no exploration")
@@ -285,8 +295,7 @@ def main(argv=None) -> int:
         if name == "grpo" and not any(m.startswith("mor") for m in methods(run)):
             ups = [u for u in ups if u != "router"]  # only MoR's methods read the router
         for up in ups:
-            if up not in names and (up != "base" or not a.base) and run.output(up).exists() \
-                    and not run.stage_fresh(up):
+            if up not in names and (up != "base" or not a.base) and run.stale(up):
                 raise SystemExit(f"[{name}] reads the {up} stage's output, which is stale (the line above "
                                  f"says why): add {up} to --stages, or use a new --run-dir")
     # The server's base and sft run beside the clients' RMs when all three are still to do

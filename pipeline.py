@@ -266,6 +266,20 @@ class Run:
             return False
         return self.fresh(self.output(stage), self.stage_inputs(stage), stage)
 
+    def stale(self, stage: str) -> bool:
+        """True when an output of `stage` exists but was made from other inputs (a missing output is
+        not stale: the stage that needs it names it). For the grpo stage only its policies count:
+        its summary lists whichever methods the last invocation asked for."""
+        if stage == "grpo":
+            return any(policy_dir(self, m, s).exists() and not self.fresh(policy_dir(self, m, s),
+                                                                           self.policy_inputs(m, s), f"grpo {m} s{s}")
+                       for m in methods(self) for s in self.args.seeds)
+        if stage == "reward" and any(self.rm_dir(k).exists() and not self.fresh(self.rm_dir(k), self.rm_inputs(k),
+                                                                                 f"reward {k}")
+                                     for k in self.fed.clients):
+            return True
+        return self.output(stage).exists() and not self.fresh(self.output(stage), self.stage_inputs(stage), stage)
+
     def record(self, stage: str) -> None:
         """After a stage: its file output's provenance, and what it ran with into config.json."""
         inputs = self.stage_inputs(stage)

@@ -131,6 +131,8 @@ class VPAConfig:
     mixture_prior: bool = True  # V6; False = fixed uniform prior (ablation)
     prior_warmup: float = 0.5   # V8 w: share of rounds over which pi moves from u to pibar (0: pibar at once)
     prior_floor: float = 0.01   # V8 eps: pi keeps eps / P of the uniform on every prototype
+    revive: float = 0.0       # V9: a prototype with a smaller share of a round's samples is re-seeded (0: off)
+    revive_until: float = 0.5  # V9 acts in the first share of the rounds only (time left to train the copies)
     tau0: float = 1.0
     tau_min: float = 0.3
     eval_contexts: int = 32   # S: context sets drawn per client for its posterior and purity
@@ -359,6 +361,29 @@ def prior_for_round(pibar: torch.Tensor, r: int, cfg: VPAConfig) -> torch.Tensor
     return (1 - a) / P + a * pibar
 
 
+def revive_dead(state: dict, pibar: torch.Tensor, usage: torch.Tensor, threshold: float,
+                generator: torch.Generator) -> tuple[dict, torch.Tensor, tuple[int, int] | None]:
+    """V9 on the server (ours): the least-used prototype, if its share of the round's hard
+    samples `usage` [P] is below `threshold`, is re-seeded as a copy of the most-used one: its
+    vector v_p <- v_dom + small noise, its encoder row (to_logits weight, bias) <- dom's, and the
+    two share dom's prior mass. The copies then split dom's episodes at random; an episode whose
+    group one copy fits better raises that copy's logit for contexts like it, so a collapsed
+    population can still split by group (k-means' empty-cluster re-seeding, VQ's dead-code
+    reset). Returns (state, pibar [P], (p, dom) or None)."""
+    share = usage / usage.sum()
+    p, dom = int(share.argmin()), int(share.argmax())
+    if share[p] >= threshold or p == dom:
+        return state, pibar, None
+    state = {k: v.clone() for k, v in state.items()}
+    v = state["prototypes"][dom]  # [H]
+    state["prototypes"][p] = v + 0.1 * v.norm() / math.sqrt(v.numel()) * torch.randn(v.shape, generator=generator)
+    for k in ("to_logits.weight", "to_logits.bias"):
+        state[k][p] = state[k][dom]
+    pibar = pibar.clone()
+    pibar[p] = pibar[dom] = (pibar[p] + pibar[dom]) / 2
+    return state, pibar, (p, dom)
+
+
 def pooled_feature_stats(clients: list[ClientFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature mean/std [D] from each client's (count, sum, sum of squares): router.pooled_stats."""
     moments = []
@@ -414,6 +439,7 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
     log = []
     bar = tqdm(range(cfg.rounds), desc=desc or kind, dynamic_ncols=True, disable=None, leave=False)
     for r in bar:
+        split = None
         if kind == "vpa" and cfg.mixture_prior:
             prior = prior_for_round(pibar, r, cfg)  # V8; the ablation keeps the uniform
         state = _state(model)
@@ -422,25 +448,13 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
         model.load_state_dict(federated.fedavg([u.state for u in ups], [u.n for u in ups]))
         if kind == "vpa":
             pibar = mixture_prior(ups)  # V6
-            rv = getattr(cfg, "revive", 0.0)
-            if rv > 0 and r < cfg.rounds // 2:
-                usage = sum(u.usage for u in ups)
-                share = (usage / usage.sum()).clone()
-                sd = model.state_dict()
-                g = torch.Generator().manual_seed(seed * 7 + r)
-                for p in range(P):
-                    if share[p] < rv:
-                        dom = int(share.argmax())
-                        if share[dom] < 2 * rv:
-                            break
-                        v = sd["prototypes"][dom]
-                        sd["prototypes"][p] = v + 0.1 * v.norm() / math.sqrt(v.numel()) * torch.randn(v.shape, generator=g)
-                        sd["to_logits.weight"][p] = sd["to_logits.weight"][dom]
-                        sd["to_logits.bias"][p] = sd["to_logits.bias"][dom]
-                        share[dom] = share[p] = share[dom] / 2
-                        pibar = pibar.clone(); pibar[dom] = pibar[p] = (pibar[dom] + pibar[p]) / 2
-                model.load_state_dict(sd)
+            if cfg.revive > 0 and r < cfg.revive_until * cfg.rounds:
+                state, pibar, split = revive_dead(_state(model), pibar, sum(u.usage for u in ups), cfg.revive,
+                                                  torch.Generator().manual_seed(seed * 7919 + r))
+                model.load_state_dict(state)
         log.append(_round_log(r, ups, clients, prior))
+        if kind == "vpa" and split is not None:
+            log[-1]["split"] = split  # (dead prototype, the one it was copied from)
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", acc=f"{log[-1]['acc']:.3f}")
     if kind == "vpa" and cfg.mixture_prior:
         prior = prior_for_round(pibar, cfg.rounds, cfg)

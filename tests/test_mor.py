@@ -96,6 +96,9 @@ def test_same_seed_and_flags_give_the_same_results_json(tiny_run, tmp_path):
     assert mor.main(TINY_RUN + ["--run-dir", str(run2)]) == 0
     a, b = tiny_run[1], json.loads((run2 / "results.json").read_text())
     assert a.pop("wall_seconds").keys() == b.pop("wall_seconds").keys()
+    for r in (a, b):  # wall-clock seconds per GRPO step are timings, not results
+        for m in r["methods"].values():
+            assert m.pop("seconds_per_step")["mean"] > 0
     assert a == b
     # and the artifacts behind it: the router and a policy, bit for bit
     from safetensors.torch import load_file
