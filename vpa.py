@@ -1,6 +1,6 @@
 """FedVPA-GP on the conflicting-preference benchmark: the ablation table the pipeline regenerates,
 and a client's VPA reward model built from its own pairs. The method itself (equations V1-V8,
-models, federated training, evaluation, VPARewardModel) is vpa_model.py; docs/vpa.md has the page.
+models, federated training, evaluation, VPARewardModel) is vpa_model.py.
 
   python vpa.py --run-dir runs/default --seeds 0,1,2,3,4 --federations conflict --betas 0.1
       -> <run-dir>/vpa-results.md and vpa-results.json (every seed's per-round log included)

@@ -28,7 +28,7 @@ summed over clients is the mutual information I(z; C) between the latent and the
 minimised by using one prototype, and nothing pulls the population toward using more. With the
 uniform prior, E KL(q || u) = I(z; C) + KL(pibar || u): the second term makes every prototype be
 sampled early, so each gets a likelihood gradient while the groups are still undecided. Measured
-on the conflict benchmark (vpa.py, docs/vpa.md): with pi = pibar from round 1 the prior follows
+on the conflict benchmark (vpa.py): with pi = pibar from round 1 the prior follows
 whichever prototype the random init favours (round 1: pi_max 0.5, then a rich-get-richer loop),
 hard samples of the other prototypes stop, they receive no likelihood gradient, and the encoder
 never learns to leave the winner: one prototype, group purity 0.5. V8 keeps the uniform's
