@@ -1,6 +1,7 @@
 """FedVPA-GP on the conflicting-preference benchmark: the ablation table the pipeline regenerates,
-and a client's VPA reward model built from its own pairs. The method itself (equations V1-V8,
-models, federated training, evaluation, VPARewardModel) is vpa_model.py.
+its evaluation (accuracy, group purity, collapse), and a client's VPA reward model built from its
+own pairs. The method itself (equations V1-V8, models, federated training, VPARewardModel) is
+vpa_model.py; docs/vpa.md has the page, the collapse diagnosis and the table.
 
   python vpa.py --run-dir runs/default --seeds 0,1,2,3,4 --federations conflict --betas 0.1
       -> <run-dir>/vpa-results.md and vpa-results.json (every seed's per-round log included)
@@ -18,7 +19,7 @@ everything else) and get one extra style pair per question whose direction is th
 A third of every client's pairs conflict across groups and nothing in x tells the groups apart,
 so one monolithic BT reward (FedAvg) cannot fit both; a client latent can.
 
-Variants (ABLATIONS): the method with V8's prior warm-up; the mixture prior from round 1 (the
+Variants (ABLATIONS): the method with V8's uniform burn-in; the mixture prior from round 1 (the
 method as first implemented, which collapsed); the uniform prior; no orthogonal loss; neither;
 and the monolithic BT reward. A seed *collapses* when group purity < 0.9 or < 2 prototypes are
 used; the table counts collapses per variant.
@@ -31,12 +32,15 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -44,7 +48,7 @@ import data
 import models
 import reward
 import router as routing
-from vpa_model import (ClientFeatures, VPAConfig, VPARewardModel, evaluate, heldout_accuracy, neg_elbo,
+from vpa_model import (VPA, ClientFeatures, VPAConfig, VPARewardModel, entropy, episode_terms, episodes,
                        train_federated)
 
 # ----------------------------------------------------------------------------------------------
@@ -181,8 +185,111 @@ def client_features(clients: dict[str, tuple[str, list[data.Pair]]], seed: int, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation: posterior, accuracy, purity, collapse
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def client_posterior(model: VPA, client: ClientFeatures, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The client's posterior from S context sets of C of its own training pairs:
+    (q_k [P] = mean of the S posteriors, q_s [S, P] each set's posterior)."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    ctx, _ = episodes(client.n, cfg.eval_contexts, cfg.context, 1, g)
+    q = F.softmax(model.posterior_logits(client.train_w[ctx], client.train_l[ctx]), -1)  # [S, P]
+    return q.mean(0), q
+
+
+@torch.no_grad()
+def neg_elbo(model: VPA, clients: list[ClientFeatures], prior: torch.Tensor, seed: int = 0, held: bool = False) -> float:
+    """-ELBO per target pair (V4, exact expectation over q), n_k-weighted over clients, on fixed
+    episodes: comparable across rounds. held=True draws the targets from held-out pairs (context
+    still from training pairs)."""
+    tot, n = 0.0, 0
+    cfg = model.cfg
+    for k, c in enumerate(clients):
+        g = torch.Generator().manual_seed(seed * 7919 + k)
+        ctx, tgt = episodes(c.n, cfg.eval_contexts, cfg.context, cfg.targets, g)
+        if held:
+            if c.held_w.shape[0] == 0:
+                continue
+            tgt = torch.randint(c.held_w.shape[0], tgt.shape, generator=g)
+        w = torch.cat([c.train_w, c.held_w]) if held else c.train_w
+        l = torch.cat([c.train_l, c.held_l]) if held else c.train_l
+        o = episode_terms(model, w, l, ctx, tgt + (c.n if held else 0), prior, None)
+        tot += c.n * (-(o["loglik"] - model.cfg.beta * o["kl"]) / cfg.targets).mean().item()
+        n += c.n
+    return tot / n
+
+
+@torch.no_grad()
+def heldout_accuracy(model: nn.Module, client: ClientFeatures, q: torch.Tensor | None = None) -> float:
+    """Share of the client's held-out pairs where r(chosen) > r(rejected). VPA: the posterior-mean
+    reward E_q[r(x, y, z)] under the client's q [P] (from its training pairs only)."""
+    if client.held_w.shape[0] == 0:
+        return float("nan")
+    if isinstance(model, VPA):
+        rw, rl = model.reward_all(client.held_w) @ q, model.reward_all(client.held_l) @ q
+    else:
+        rw, rl = model(client.held_w), model(client.held_l)
+    return (rw > rl).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, clients: list[ClientFeatures], prior: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """Per-client held-out accuracy; for VPA also the latent's structure:
+    client purity  = mean over clients of the share of its S context sets whose MAP prototype is
+                     the client's most frequent one (1: the client always lands on one z);
+    group purity   = cluster purity of the MAP prototypes against the true groups (sum over z of
+                     its majority group's count / all sets; 1: z separates the groups, 1/G: no info);
+    used           = prototypes holding >= 5% of all MAP assignments; H(qbar) = entropy of the
+                     n-weighted aggregate posterior; H(q) = mean entropy of single posteriors.
+    Collapse (the failure the orthogonal loss and the mixture prior target) = used 1, group
+    purity at its floor; `collapsed` = group purity < 0.9 or fewer than 2 prototypes used."""
+    out = {"accuracy": {}}
+    if not isinstance(model, VPA):
+        for c in clients:
+            out["accuracy"][c.name] = heldout_accuracy(model, c)
+        return out
+    P = model.cfg.prototypes
+    groups = sorted({c.group for c in clients})
+    counts = torch.zeros(P, len(groups))  # MAP assignments per prototype and group
+    client_purity, q_ent, qbars, ns, assign = [], [], [], [], {}
+    for k, c in enumerate(clients):
+        qk, qs = client_posterior(model, c, seed * 31 + k)
+        out["accuracy"][c.name] = heldout_accuracy(model, c, qk)
+        m = torch.bincount(qs.argmax(-1), minlength=P).float()  # [P]
+        counts[:, groups.index(c.group)] += m
+        client_purity.append((m.max() / m.sum()).item())
+        q_ent.append(entropy(qs).mean().item())
+        qbars.append(qk * c.n)
+        ns.append(c.n)
+        assign[c.name] = int(m.argmax())
+    qbar = torch.stack(qbars).sum(0) / sum(ns)
+    share = counts.sum(1) / counts.sum()
+    v = F.normalize(model.prototypes.detach(), dim=-1)
+    cos = (v @ v.T).abs()
+    purity, used = (counts.max(1).values.sum() / counts.sum()).item(), int((share >= 0.05).sum())
+    out.update({
+        "client_purity": sum(client_purity) / len(client_purity),
+        "group_purity": purity,
+        "used": used,
+        "collapsed": bool(purity < 0.9 or used < 2) if len(groups) > 1 else None,
+        "H_qbar": entropy(qbar).item(),
+        "H_q": sum(q_ent) / len(q_ent),
+        "max_cos": (cos - torch.eye(P)).max().item(),
+        "assignment": assign,
+        "prior": prior.tolist() if prior is not None else None,
+    })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # A client's VPA reward model (MoR interface)
 # ----------------------------------------------------------------------------------------------
+
+
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def train_client_rm(name: str, pairs: list[data.Pair], groups: list[str], ref_dir: str | Path, out_dir: str | Path,
@@ -197,6 +304,9 @@ def train_client_rm(name: str, pairs: list[data.Pair], groups: list[str], ref_di
     returns only numbers: {group: {n_pairs, heldout_pairs, heldout_accuracy, ...}}."""
     cfg = cfg or VPAConfig()
     ref_dir, out_dir = Path(ref_dir), Path(out_dir)
+    bad = sorted({g for g in groups if not GROUP_NAME.fullmatch(g)})
+    if bad:
+        raise ValueError(f"client {name!r}: group tags {bad} (each becomes a directory: letters, digits, _ and - only)")
     members = group_features(name, pairs, groups, seed, ref_dir, cache)
     t0 = time.time()
     model, prior, log = train_federated("vpa", members, cfg, seed, desc=f"vpa client {name}")
@@ -253,13 +363,15 @@ def client_rm_experiment(fed: data.Federation, data_seed: int, seeds: list[int],
 # Experiment and CLI
 # ----------------------------------------------------------------------------------------------
 
-FULL = "FedVPA-GP (mixture prior, V8 warm-up, orth)"
+FULL = "FedVPA-GP: mixture prior after a uniform burn-in (V8) + orth"
+ORIG = "mixture prior from round 1 + orth (as first implemented)"
+UNIFORM = "uniform prior + orth"
 ABLATIONS = {  # name -> VPAConfig overrides
     FULL: {},
-    "mixture prior from round 1 (no V8 warm-up)": {"prior_warmup": 0.0},
-    "uniform prior": {"mixture_prior": False},
-    "no orthogonal loss": {"orth": 0.0},
-    "uniform prior, no orthogonal loss": {"mixture_prior": False, "orth": 0.0},
+    ORIG: {"prior_warmup": 0.0},
+    UNIFORM: {"mixture_prior": False},
+    "mixture prior (V8), no orth": {"orth": 0.0},
+    "uniform prior, no orth": {"mixture_prior": False, "orth": 0.0},
 }
 MONO = "monolithic BT (FedAvg)"
 
@@ -323,7 +435,7 @@ def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: s
              f"Regenerate: `{command}` ({seconds:.0f} s for the blocks it ran; other blocks merged from earlier runs).\n",
              f"P={cfg.prototypes}, context C={cfg.context}, targets T={cfg.targets}, {cfg.rounds} rounds x "
              f"{cfg.local_steps} local steps x {cfg.episodes} episodes, lr {cfg.lr}, lambda_orth {cfg.orth}, "
-             f"tau {cfg.tau0} -> {cfg.tau_min}, prior warm-up {cfg.prior_warmup} of the rounds, floor {cfg.prior_floor}; "
+             f"tau {cfg.tau0} -> {cfg.tau_min}, uniform-prior burn-in {cfg.prior_warmup} of the rounds (V8), floor {cfg.prior_floor}; "
              f"training seeds {seeds} (data seed fixed); mean ± std over seeds. Accuracy: held-out pair accuracy (%); "
              "VPA scores with the posterior-mean reward E_q[r] under the client's posterior from its own training "
              "pairs. Collapsed: group purity < 0.9 or fewer than 2 prototypes used.\n"]
@@ -346,14 +458,18 @@ def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: s
             lines.append(f"| {m} | {purity} | {used} "
                          f"| {e['collapsed_seeds'] or 'none'} | {e['H_q']['mean']:.2f} ± {e['H_q']['std']:.2f} | "
                          f"{e['H_qbar']['mean']:.2f} | {e['max_cos']['mean']:.2f} | {e['neg_elbo_heldout']['mean']:.3f} |")
-        # the collapse trace: the first collapsed seed of any variant, and the method's same seed
-        for m, e in res.items():
-            if e.get("collapsed_seeds"):
-                s = e["collapsed_seeds"][0]
-                lines += rounds_markdown(next(x for x in e["per_seed"] if x["seed"] == s), f"Per round, {m}, seed {s} (collapsed):")
-                if m != FULL and FULL in res:
-                    lines += rounds_markdown(next(x for x in res[FULL]["per_seed"] if x["seed"] == s), f"Per round, {FULL}, seed {s}:")
-                break
+        # the collapse traces: the method as first implemented on its first collapsed seed, the
+        # fixed method on that seed, and the first collapsed seed of the fixed method and of the
+        # uniform prior (what the fix does not remove)
+        traces = []
+        for m, other in ((ORIG, FULL), (FULL, None), (UNIFORM, None)):
+            if m in res and res[m].get("collapsed_seeds"):
+                s = res[m]["collapsed_seeds"][0]
+                traces += [(m, s)] + ([(other, s)] if other in res else [])
+        for m, s in dict.fromkeys(traces):
+            ev = next(x for x in res[m]["per_seed"] if x["seed"] == s)
+            state = "collapsed" if ev["collapsed"] else f"group purity {ev['group_purity']:.2f}"
+            lines += rounds_markdown(ev, f"Per round, {m}, seed {s} ({state}):")
     if client_rm:
         lines += ["\n## A client's VPA reward model vs its plain BT reward model\n",
                   "Each domain's client holds both labeller groups of the conflict benchmark; held-out pair accuracy "
@@ -368,7 +484,7 @@ def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: s
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description="FedVPA-GP on the conflicting-preference benchmark (the method: vpa_model.py)")
     ap.add_argument("--run-dir", default="runs/default", help="pipeline run dir: its base/ is the frozen reference")
     ap.add_argument("--out", default=None, help="where vpa-results.md/.json go (default: the run dir)")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="training seeds (comma separated)")
@@ -409,7 +525,7 @@ def main(argv=None) -> int:
         if name not in FEDERATIONS:
             raise SystemExit(f"--federations: unknown {name!r} (choose from {sorted(FEDERATIONS)})")
     fed = data.build_federation(data_seed)
-    cache = out / "vpa-cache" / f"features-seed{data_seed}.safetensors"
+    cache = run_dir / "vpa-cache" / f"features-seed{data_seed}.safetensors"  # one per reference, whatever --out
     old = out / "vpa-results.json"
     prev = {} if a.fresh or not old.exists() else json.loads(old.read_text())
     merged, client_rm = prev.get("results", {}), prev.get("client_rm")
@@ -421,18 +537,23 @@ def main(argv=None) -> int:
         for beta in betas:
             c = VPAConfig(**{**asdict(cfg), "beta": beta})
             merged[f"{label}, beta {beta:g}"] = run_experiment(clients, c, seeds, desc=f"{name} b{beta:g}")
+    command = "python vpa.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write() -> str:  # after each block: a long invocation that dies keeps what it finished
+        seconds = time.time() - t0
+        md = results_markdown(merged, cfg, seeds, command, seconds, client_rm)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic(out / "vpa-results.md", lambda p: p.write_text(md))
+        _atomic(out / "vpa-results.json", lambda p: p.write_text(json.dumps(
+            {"config": asdict(cfg), "seeds": seeds, "data_seed": data_seed, "command": command,
+             "seconds": round(seconds, 1), "results": merged, "client_rm": client_rm}, indent=1)))
+        return md
+    md = write()
     if a.client_rm:
         client_rm = client_rm_experiment(fed, data_seed, seeds, cfg, run_dir, out, cache)
-    seconds = time.time() - t0
-    command = "python vpa.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = results_markdown(merged, cfg, seeds, command, seconds, client_rm)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "vpa-results.md", lambda p: p.write_text(md))
-    _atomic(out / "vpa-results.json", lambda p: p.write_text(json.dumps(
-        {"config": asdict(cfg), "seeds": seeds, "data_seed": data_seed, "command": command, "seconds": round(seconds, 1),
-         "results": merged, "client_rm": client_rm}, indent=1)))
+        md = write()
     print(md)
-    print(f"wrote {out / 'vpa-results.md'} and vpa-results.json ({seconds:.0f} s this invocation)")
+    print(f"wrote {out / 'vpa-results.md'} and vpa-results.json ({time.time() - t0:.0f} s this invocation)")
     return 0
 
 

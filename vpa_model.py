@@ -16,24 +16,27 @@ V1..V8 are this code's):
   V6 mixture     pibar <- sum_k n_k * qbar_k / sum_k n_k   (server, each round; qbar_k: the mean
      prior        posterior of client k over its round's episodes)
   V7 orthogonal  L_orth = sum_{p < p'} cos(v_p, v_p')^2     zero iff the prototypes are orthogonal
-  V8 prior       pi_r = (1 - a_r) * u + a_r * pibar,   a_r = (1 - eps) * min(1, r / (w * R))
-     warm-up     u = 1/P uniform, R rounds, w = cfg.prior_warmup (ours, see below), eps = cfg.prior_floor
-                 ablation: pi = u, fixed
+  V8 prior       pi_r = u = 1/P                          for r < w R  (burn-in, and always round 0)
+     burn-in     pi_r = (1 - eps) * pibar_{r-1} + eps / P   after;  w = cfg.prior_warmup, eps = cfg.prior_floor
+                 ablations: w = 0 (the mixture from round 1, as first implemented); pi = u, fixed
   loss_k = -ELBO_k / T + lambda * L_orth;   shared parameters (encoder, trunk, readout,
   prototypes) aggregated with federated.fedavg (E4) each round.
 
-Why V8 (ours; the paper's mixture prior has learnable Gumbel-Softmax weights, whose schedule we
-could not read, so the warm-up is labelled as this code's). With pi = pibar exactly, the KL term
-summed over clients is the mutual information I(z; C) between the latent and the context: it is
-minimised by using one prototype, and nothing pulls the population toward using more. With the
-uniform prior, E KL(q || u) = I(z; C) + KL(pibar || u): the second term makes every prototype be
-sampled early, so each gets a likelihood gradient while the groups are still undecided. Measured
-on the conflict benchmark (vpa.py): with pi = pibar from round 1 the prior follows
-whichever prototype the random init favours (round 1: pi_max 0.5, then a rich-get-richer loop),
-hard samples of the other prototypes stop, they receive no likelihood gradient, and the encoder
-never learns to leave the winner: one prototype, group purity 0.5. V8 keeps the uniform's
-exploration while the groups are found and hands over to the mixture prior after that; a floor
-eps / P stays so that no prototype's prior is ever 0 (V5 would be infinite).
+Why V8 (ours: the paper's mixture prior has learnable Gumbel-Softmax weights; its schedule is not
+in what we could read, so the burn-in is labelled as this code's). In V5, KL(q || pi) =
+-H(q) - sum_p q_p log pi_p. With the uniform prior the second term is a constant; with pi = pibar
+it pulls every client's posterior toward the prototypes that are popular *now*, whose share then
+grows in the next pibar: a rich-get-richer loop (equivalently, sum_k n_k KL(qbar_k || pibar) is
+the information z carries about the client, which one prototype for everybody sets to 0).
+Measured on the conflict benchmark, seed 1 (vpa.py; docs/vpa.md): the full-style clients of two
+domains started on prototype 0 (qbar 0.57, 0.38 after round 1) while the terse clients and one
+full client went to prototype 2; the prior of prototype 2 rose 0.31 -> 0.41 -> 0.64 -> 0.82 ->
+0.92 over rounds 1-5, and by round 6 every client sat on it (usage 0.99, H(q) 0.03): one
+prototype, group purity 0.50, accuracy 74.5 vs 84.5 with the uniform prior. A mixture of
+posteriors that have not found the groups yet is noise fed back as a prior; V8 publishes it only
+after the burn-in, when it describes the groups (pibar ~ 0.5 / 0.5 on two prototypes), and then
+sharpens the posteriors (H(q) 0.19 vs 0.47 uniform). The floor eps / P keeps V5 finite.
+What V8 does not remove: a likelihood-driven collapse the uniform prior has too (docs/vpa.md).
 
 `VPARewardModel` (bottom) fixes the posterior of one client (or one labeller group) and has
 reward.RewardModel's scoring interface, so it can stand in for a client RM in MoR.
@@ -98,7 +101,7 @@ def categorical_kl(q: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
 
 
 def orthogonal_loss(prototypes: torch.Tensor) -> torch.Tensor:
-    """V7. prototypes [P, Dz] -> sum over pairs p < p' of cos(v_p, v_p')^2 (scalar)."""
+    """V7. prototypes [P, H] -> sum over pairs p < p' of cos(v_p, v_p')^2 (scalar)."""
     v = F.normalize(prototypes, dim=-1, eps=1e-8)
     cos = v @ v.T  # [P, P], ones on the diagonal
     return torch.triu(cos, diagonal=1).pow(2).sum()
@@ -129,10 +132,8 @@ class VPAConfig:
     kl_warmup: float = 0.0    # beta ramps linearly from 0 over this share of all steps (0: off)
     orth: float = 1.0         # lambda of V7; 0 = ablation
     mixture_prior: bool = True  # V6; False = fixed uniform prior (ablation)
-    prior_warmup: float = 0.5   # V8 w: share of rounds over which pi moves from u to pibar (0: pibar at once)
+    prior_warmup: float = 0.5   # V8 w: share of rounds with the uniform prior before the mixture (0: off)
     prior_floor: float = 0.01   # V8 eps: pi keeps eps / P of the uniform on every prototype
-    revive: float = 0.0       # V9: a prototype with a smaller share of a round's samples is re-seeded (0: off)
-    revive_until: float = 0.5  # V9 acts in the first share of the rounds only (time left to train the copies)
     tau0: float = 1.0
     tau_min: float = 0.3
     eval_contexts: int = 32   # S: context sets drawn per client for its posterior and purity
@@ -348,40 +349,13 @@ def mixture_prior(uploads: list[Upload]) -> torch.Tensor:
 
 
 def prior_for_round(pibar: torch.Tensor, r: int, cfg: VPAConfig) -> torch.Tensor:
-    """V8: the prior the clients use in round r (0-based) given the mixture pibar [P] of the
-    rounds before. a_r = (1 - eps) * min(1, r / (w R)): round 0 is uniform; the uniform's share
-    decays linearly to eps over the first w R rounds (w = 0: pibar from round 1, the method as
-    first implemented)."""
+    """V8: the prior the clients use in round r (0-based), given the mixture pibar [P] of the
+    round before: the uniform during the burn-in (r < w R, and always round 0), then
+    (1 - eps) pibar + eps / P. w = 0: the mixture from round 1, the method as first implemented."""
     P = pibar.numel()
-    if getattr(cfg, "prior_hold", False):
-        ramp = 1.0 if r >= max(1.0, cfg.prior_warmup * cfg.rounds) else 0.0
-    else:
-        ramp = min(1.0, r / (cfg.prior_warmup * cfg.rounds)) if cfg.prior_warmup > 0 else (1.0 if r > 0 else 0.0)
-    a = (1 - cfg.prior_floor) * ramp
-    return (1 - a) / P + a * pibar
-
-
-def revive_dead(state: dict, pibar: torch.Tensor, usage: torch.Tensor, threshold: float,
-                generator: torch.Generator) -> tuple[dict, torch.Tensor, tuple[int, int] | None]:
-    """V9 on the server (ours): the least-used prototype, if its share of the round's hard
-    samples `usage` [P] is below `threshold`, is re-seeded as a copy of the most-used one: its
-    vector v_p <- v_dom + small noise, its encoder row (to_logits weight, bias) <- dom's, and the
-    two share dom's prior mass. The copies then split dom's episodes at random; an episode whose
-    group one copy fits better raises that copy's logit for contexts like it, so a collapsed
-    population can still split by group (k-means' empty-cluster re-seeding, VQ's dead-code
-    reset). Returns (state, pibar [P], (p, dom) or None)."""
-    share = usage / usage.sum()
-    p, dom = int(share.argmin()), int(share.argmax())
-    if share[p] >= threshold or p == dom:
-        return state, pibar, None
-    state = {k: v.clone() for k, v in state.items()}
-    v = state["prototypes"][dom]  # [H]
-    state["prototypes"][p] = v + 0.1 * v.norm() / math.sqrt(v.numel()) * torch.randn(v.shape, generator=generator)
-    for k in ("to_logits.weight", "to_logits.bias"):
-        state[k][p] = state[k][dom]
-    pibar = pibar.clone()
-    pibar[p] = pibar[dom] = (pibar[p] + pibar[dom]) / 2
-    return state, pibar, (p, dom)
+    if r < max(1.0, cfg.prior_warmup * cfg.rounds):
+        return torch.full((P,), 1.0 / P)
+    return (1 - cfg.prior_floor) * pibar + cfg.prior_floor / P
 
 
 def pooled_feature_stats(clients: list[ClientFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +413,6 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
     log = []
     bar = tqdm(range(cfg.rounds), desc=desc or kind, dynamic_ncols=True, disable=None, leave=False)
     for r in bar:
-        split = None
         if kind == "vpa" and cfg.mixture_prior:
             prior = prior_for_round(pibar, r, cfg)  # V8; the ablation keeps the uniform
         state = _state(model)
@@ -448,118 +421,12 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
         model.load_state_dict(federated.fedavg([u.state for u in ups], [u.n for u in ups]))
         if kind == "vpa":
             pibar = mixture_prior(ups)  # V6
-            if cfg.revive > 0 and r < cfg.revive_until * cfg.rounds:
-                state, pibar, split = revive_dead(_state(model), pibar, sum(u.usage for u in ups), cfg.revive,
-                                                  torch.Generator().manual_seed(seed * 7919 + r))
-                model.load_state_dict(state)
         log.append(_round_log(r, ups, clients, prior))
-        if kind == "vpa" and split is not None:
-            log[-1]["split"] = split  # (dead prototype, the one it was copied from)
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", acc=f"{log[-1]['acc']:.3f}")
     if kind == "vpa" and cfg.mixture_prior:
         prior = prior_for_round(pibar, cfg.rounds, cfg)
     model.eval()
     return model, prior, log
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: posterior, accuracy, purity, collapse
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def client_posterior(model: VPA, client: ClientFeatures, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The client's posterior from S context sets of C of its own training pairs:
-    (q_k [P] = mean of the S posteriors, q_s [S, P] each set's posterior)."""
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
-    ctx, _ = episodes(client.n, cfg.eval_contexts, cfg.context, 1, g)
-    q = F.softmax(model.posterior_logits(client.train_w[ctx], client.train_l[ctx]), -1)  # [S, P]
-    return q.mean(0), q
-
-
-@torch.no_grad()
-def neg_elbo(model: VPA, clients: list[ClientFeatures], prior: torch.Tensor, seed: int = 0, held: bool = False) -> float:
-    """-ELBO per target pair (V4, exact expectation over q), n_k-weighted over clients, on fixed
-    episodes: comparable across rounds. held=True draws the targets from held-out pairs (context
-    still from training pairs)."""
-    tot, n = 0.0, 0
-    cfg = model.cfg
-    for k, c in enumerate(clients):
-        g = torch.Generator().manual_seed(seed * 7919 + k)
-        ctx, tgt = episodes(c.n, cfg.eval_contexts, cfg.context, cfg.targets, g)
-        if held:
-            if c.held_w.shape[0] == 0:
-                continue
-            tgt = torch.randint(c.held_w.shape[0], tgt.shape, generator=g)
-        w = torch.cat([c.train_w, c.held_w]) if held else c.train_w
-        l = torch.cat([c.train_l, c.held_l]) if held else c.train_l
-        o = episode_terms(model, w, l, ctx, tgt + (c.n if held else 0), prior, None)
-        tot += c.n * (-(o["loglik"] - model.cfg.beta * o["kl"]) / cfg.targets).mean().item()
-        n += c.n
-    return tot / n
-
-
-@torch.no_grad()
-def heldout_accuracy(model: nn.Module, client: ClientFeatures, q: torch.Tensor | None = None) -> float:
-    """Share of the client's held-out pairs where r(chosen) > r(rejected). VPA: the posterior-mean
-    reward E_q[r(x, y, z)] under the client's q [P] (from its training pairs only)."""
-    if client.held_w.shape[0] == 0:
-        return float("nan")
-    if isinstance(model, VPA):
-        rw, rl = model.reward_all(client.held_w) @ q, model.reward_all(client.held_l) @ q
-    else:
-        rw, rl = model(client.held_w), model(client.held_l)
-    return (rw > rl).float().mean().item()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, clients: list[ClientFeatures], prior: torch.Tensor | None = None, seed: int = 0) -> dict:
-    """Per-client held-out accuracy; for VPA also the latent's structure:
-    client purity  = mean over clients of the share of its S context sets whose MAP prototype is
-                     the client's most frequent one (1: the client always lands on one z);
-    group purity   = cluster purity of the MAP prototypes against the true groups (sum over z of
-                     its majority group's count / all sets; 1: z separates the groups, 1/G: no info);
-    used           = prototypes holding >= 5% of all MAP assignments; H(qbar) = entropy of the
-                     n-weighted aggregate posterior; H(q) = mean entropy of single posteriors.
-    Collapse (the failure the orthogonal loss and the mixture prior target) = used 1, group
-    purity at its floor; `collapsed` = group purity < 0.9 or fewer than 2 prototypes used."""
-    out = {"accuracy": {}}
-    if not isinstance(model, VPA):
-        for c in clients:
-            out["accuracy"][c.name] = heldout_accuracy(model, c)
-        return out
-    P = model.cfg.prototypes
-    groups = sorted({c.group for c in clients})
-    counts = torch.zeros(P, len(groups))  # MAP assignments per prototype and group
-    client_purity, q_ent, qbars, ns, assign = [], [], [], [], {}
-    for k, c in enumerate(clients):
-        qk, qs = client_posterior(model, c, seed * 31 + k)
-        out["accuracy"][c.name] = heldout_accuracy(model, c, qk)
-        m = torch.bincount(qs.argmax(-1), minlength=P).float()  # [P]
-        counts[:, groups.index(c.group)] += m
-        client_purity.append((m.max() / m.sum()).item())
-        q_ent.append(entropy(qs).mean().item())
-        qbars.append(qk * c.n)
-        ns.append(c.n)
-        assign[c.name] = int(m.argmax())
-    qbar = torch.stack(qbars).sum(0) / sum(ns)
-    share = counts.sum(1) / counts.sum()
-    v = F.normalize(model.prototypes.detach(), dim=-1)
-    cos = (v @ v.T).abs()
-    purity, used = (counts.max(1).values.sum() / counts.sum()).item(), int((share >= 0.05).sum())
-    out.update({
-        "client_purity": sum(client_purity) / len(client_purity),
-        "group_purity": purity,
-        "used": used,
-        "collapsed": bool(purity < 0.9 or used < 2) if len(groups) > 1 else None,
-        "H_qbar": entropy(qbar).item(),
-        "H_q": sum(q_ent) / len(q_ent),
-        "max_cos": (cos - torch.eye(P)).max().item(),
-        "assignment": assign,
-        "prior": prior.tolist() if prior is not None else None,
-    })
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_elbo_terms_match_a_hand_computation():
     g = torch.Generator().manual_seed(0)
     ctx_e, tgt_e = vm.episodes(4, cfg.eval_contexts, cfg.context, cfg.targets, g)
     o_e = vm.episode_terms(m, w, l, ctx_e, tgt_e, prior, None)
-    assert vm.neg_elbo(m, [c], prior) == pytest.approx(
+    assert vpa.neg_elbo(m, [c], prior) == pytest.approx(
         (-(o_e["loglik"] - cfg.beta * o_e["kl"]) / cfg.targets).mean().item(), rel=1e-6)
     assert -(o["loglik"] - cfg.beta * o["kl"]).item() / cfg.targets == pytest.approx(want, rel=1e-5)
     # the sampled path: the forward uses exactly the prototype argmax(logits + Gumbel noise)
@@ -145,20 +145,58 @@ def test_mixture_prior_is_the_n_weighted_mean():
     assert torch.allclose(vm.mixture_prior(ups), torch.tensor([0.25, 0.75]))
 
 
-def test_prior_warmup_moves_from_uniform_to_the_floored_mixture():
+def test_prior_burn_in_is_uniform_then_the_floored_mixture():
     pibar = torch.tensor([1.0, 0.0, 0.0, 0.0])
     cfg = vm.VPAConfig(rounds=10, prior_warmup=0.4, prior_floor=0.2)
     pis = [vm.prior_for_round(pibar, r, cfg) for r in range(11)]
-    assert torch.allclose(pis[0], torch.full((4,), 0.25))  # round 0: uniform
-    a2 = 0.8 * 2 / 4  # a_r = (1 - eps) min(1, r / (w R))
-    assert torch.allclose(pis[2], torch.tensor([(1 - a2) / 4 + a2, (1 - a2) / 4, (1 - a2) / 4, (1 - a2) / 4]))
-    for r in (4, 7, 10):  # after the warm-up: (1 - eps) pibar + eps / P
+    for r in range(4):  # r < w R: the uniform, whatever the clients' posteriors say
+        assert torch.allclose(pis[r], torch.full((4,), 0.25))
+    for r in (4, 7, 10):  # after: (1 - eps) pibar + eps / P
         assert torch.allclose(pis[r], torch.tensor([0.8 + 0.05, 0.05, 0.05, 0.05]))
     assert all(p.min() >= 0.2 / 4 - 1e-7 and p.sum().item() == pytest.approx(1.0) for p in pis)
     # w = 0: the mixture (floored) from round 1, the method as first implemented
     cfg0 = vm.VPAConfig(rounds=10, prior_warmup=0.0, prior_floor=0.01)
     assert torch.allclose(vm.prior_for_round(pibar, 0, cfg0), torch.full((4,), 0.25))
     assert torch.allclose(vm.prior_for_round(pibar, 1, cfg0), 0.99 * pibar + 0.0025)
+
+
+def weak_two_group_clients(n=400, held=200, seed=0):
+    """Like two_group_clients, with a weaker conflict (u = e0 +- e1): the groups are harder to find,
+    so whichever prototype leads early can take everybody."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, group in enumerate(["A", "B", "A", "B"]):
+        u = torch.tensor([1.0, 1.0 if group == "A" else -1.0, 0, 0, 0, 0])
+        parts = []
+        for m in (n, held):
+            a, b = torch.randn(m, D, generator=g), torch.randn(m, D, generator=g)
+            first = (a @ u > b @ u).unsqueeze(-1)
+            parts += [torch.where(first, a, b), torch.where(first, b, a)]
+        out.append(vm.ClientFeatures(f"c{k}{group}", group, *parts))
+    return out
+
+
+def test_burn_in_prevents_a_constructed_rich_get_richer_collapse():
+    """Prototype 0 starts dominant (its logit +1 for every context). Fed back from round 1, the
+    mixture prior follows it until every client sits on it (one prototype, purity 0.5); with the
+    burn-in (V8) the groups are found first and keep two prototypes."""
+    clients = weak_two_group_clients()
+    out = {}
+    for w in (0.0, 0.5):
+        cfg = vm.VPAConfig(**{**FAST, "context": 4}, rounds=12, prior_warmup=w)
+        torch.manual_seed(1)
+        init = vm.VPA(D, cfg)
+        with torch.no_grad():
+            init.to_logits.bias += torch.tensor([1.0, 0.0, 0.0])
+        model, prior, log = vm.train_federated("vpa", clients, cfg, seed=1, init=init.state_dict())
+        out[w] = (vpa.evaluate(model, clients, prior), prior, log)
+    ev, prior, log = out[0.0]
+    assert ev["used"] == 1 and ev["group_purity"] < 0.6 and ev["collapsed"], ev
+    assert prior.max() > 0.9 and log[3]["usage"][0] > log[0]["usage"][0]  # the loop: usage and prior grow together
+    ev, prior, log = out[0.5]
+    assert ev["used"] >= 2 and ev["group_purity"] >= 0.9 and not ev["collapsed"], ev
+    assert all(torch.allclose(torch.tensor(e["prior"]), torch.full((3,), 1 / 3), atol=1e-4) for e in log[:6])
+    assert sorted(prior.tolist())[-2] > 0.3  # after the burn-in the mixture holds both groups
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -213,7 +251,7 @@ def trained():
 
 def test_latent_separates_groups_and_beats_monolithic(trained):
     clients, cfg, model, prior, log, mono = trained
-    ev, ev_mono = vm.evaluate(model, clients, prior), vm.evaluate(mono, clients)
+    ev, ev_mono = vpa.evaluate(model, clients, prior), vpa.evaluate(mono, clients)
     assert ev["group_purity"] >= 0.95 and ev["client_purity"] >= 0.9 and ev["used"] >= 2 and not ev["collapsed"]
     a = ev["assignment"]  # clients of one group share a prototype, the groups use different ones
     assert a["c0A"] == a["c2A"] and a["c1B"] == a["c3B"] and a["c0A"] != a["c1B"]
@@ -241,8 +279,8 @@ def test_a_few_rounds_lower_the_elbo(trained):
     init.set_feature_stats(*vm.pooled_feature_stats(clients))
     uniform = torch.full((cfg.prototypes,), 1.0 / cfg.prototypes)
     three, prior3, _ = vm.train_federated("vpa", clients, vm.VPAConfig(**FAST, rounds=3), seed=0)
-    before, after3 = vm.neg_elbo(init, clients, uniform), vm.neg_elbo(three, clients, prior3)
-    after12 = vm.neg_elbo(model, clients, prior)
+    before, after3 = vpa.neg_elbo(init, clients, uniform), vpa.neg_elbo(three, clients, prior3)
+    after12 = vpa.neg_elbo(model, clients, prior)
     assert after3 < before - 0.05 and after12 < after3, (before, after3, after12)
     assert log[-1]["loss"] < log[0]["loss"]
 
@@ -276,7 +314,7 @@ def test_reward_model_interface_and_save_load(trained, monkeypatch, tmp_path):
     pairs = [data.Pair("img", "p", f"y{i}", f"y{i + 50}") for i in range(50)]
     rc, rr = reward.pair_scores(rm, pairs)  # the same helper MoR uses for any client RM
     assert rc.shape == rr.shape == (50,)
-    assert reward.pair_accuracy(rm, pairs) == pytest.approx(vm.heldout_accuracy(model, c, rm.q), abs=0.05)
+    assert reward.pair_accuracy(rm, pairs) == pytest.approx(vpa.heldout_accuracy(model, c, rm.q), abs=0.05)
     rm.calibrate(torch.cat([c.train_w, c.train_l]))
     z = rm.standardized(rm.rewards(torch.cat([c.train_w, c.train_l])))
     assert z.mean().abs() < 1e-4 and (z.std() - 1).abs() < 1e-4
@@ -336,6 +374,8 @@ def test_train_client_rm_from_pairs_through_a_tiny_reference(fed, tmp_path):
     assert torch.isfinite(rm.standardized(r)).all()
     with pytest.raises(ValueError, match="group tags"):
         vpa.train_client_rm("color", pairs, groups[:-1], ref, tmp_path / "x", seed=0, cfg=cfg)
+    with pytest.raises(ValueError, match="group tags"):
+        vpa.train_client_rm("color", pairs, ["../up"] * len(pairs), ref, tmp_path / "x", seed=0, cfg=cfg)
 
 
 # -- the benchmark variant ---------------------------------------------------------------------
