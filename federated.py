@@ -219,6 +219,30 @@ def drop_rm(model: routing.Router, k: int) -> routing.Router:
     return new
 
 
+JOIN_FIT_EPOCHS = 10  # the joining client's own epochs on its new row (fit_new_rm) before the rounds
+
+
+def warm_start(old: routing.Router, old_names: list[str], names: list[str]) -> tuple[routing.Router, list[int]]:
+    """A router for the clients `names` from one trained for `old_names`, without retraining:
+    the general form of join_rm / drop_rm. A client that stayed keeps its row of the last layer
+    (reordered to `names`); one that left loses it; one that joined gets the mean of the kept
+    rows with its bias lowered by log(#kept), as in join_rm, so it starts with a small share and
+    the kept clients' weight ratios are unchanged. The input standardisation is kept.
+    -> (router, rows of the joining clients: each fits its own with Client.fit_new_rm)."""
+    keep = [old_names.index(n) for n in names if n in old_names]
+    if not keep:
+        raise ValueError(f"warm_start: none of {names} is among the trained router's clients {old_names}")
+    W, b = _last_layer(old)
+    state = old.state_dict()
+    w_new = state[W][keep].mean(0)  # [hidden]
+    b_new = state[b][keep].mean() - math.log(len(keep))
+    state[W] = torch.stack([state[W][old_names.index(n)] if n in old_names else w_new for n in names])  # [K, hidden]
+    state[b] = torch.stack([state[b][old_names.index(n)] if n in old_names else b_new for n in names])  # [K]
+    new = routing.Router(old.dim, len(names), old.hidden, old.context)
+    new.load_state_dict(state)
+    return new, [i for i, n in enumerate(names) if n not in old_names]
+
+
 def _last_layer(model: routing.Router) -> tuple[str, str]:
     """Keys of the last nn.Linear of the router's MLP: its rows are the K reward models."""
     i = len(model.net) - 1
@@ -356,9 +380,10 @@ class Client:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, self.n, sum(losses) / max(len(losses), 1)
 
     def fit_new_rm(self, state: dict[str, torch.Tensor], make_router, epochs: int, lr: float,
-                   batch_size: int, seed: int) -> tuple[dict[str, torch.Tensor], int, float]:
-        """The joining client's first step (after join_rm): E epochs of AdamW on L_route over its
-        own pairs that move only the new RM's row of the last layer (weights and bias); every
+                   batch_size: int, seed: int, row: int = -1) -> tuple[dict[str, torch.Tensor], int, float]:
+        """The joining client's first step (after join_rm or warm_start): E epochs of AdamW on
+        L_route over its own pairs that move only its RM's row `row` of the last layer (weights
+        and bias; the last row after join_rm); every
         other parameter comes back as the server sent it. The client that brings the RM is the
         one whose data says where it beats the existing mixture; without this step the new row
         starts far below the confident rows and the federation needs as many rounds to lift it
@@ -369,14 +394,14 @@ class Client:
         for p in model.parameters():
             p.requires_grad_(p is W or p is b)
         mask = torch.zeros(W.shape[0], 1)
-        mask[-1] = 1.0  # [K + 1, 1]: the new row only
+        mask[row] = 1.0  # [K, 1]: the new row only
         W.register_hook(lambda g: g * mask)
         b.register_hook(lambda g: g * mask[:, 0])
         opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=0.0)  # decay would move the frozen rows
         losses = self._local_epochs(model, opt, epochs, batch_size, seed)
         out = {k: v.detach().clone() for k, v in state.items()}
         for k in _last_layer(model):
-            out[k][-1] = model.state_dict()[k][-1]
+            out[k][row] = model.state_dict()[k][row]
         return out, self.n, sum(losses) / max(len(losses), 1)
 
     def _local_epochs(self, model, opt, epochs: int, batch_size: int, seed: int) -> list[float]:

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,10 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--setting", choices=list(SETTINGS), default="heterogeneous",
                    help="the federation: heterogeneous (the benchmark's three clients on LLaVA-OV / "
                         "Qwen2.5-VL / Qwen2-VL), homogeneous (all Qwen2-VL, adds FedAvg-RM), bucket "
-                        "(heterogeneous + a weak fourth client), or own (only the clients of --client-data)")
+                        "(heterogeneous + a weak but honest fourth client: the paper's bucket effect), noisy "
+                        "(heterogeneous + a fourth client with half its labels reversed: a stress test), or "
+                        "own (only the clients of --client-data)")
     p.add_argument("--full", action="store_true",
-                   help="the main table, then the homogeneous setting, then the bucket effect "
-                        f"({BUCKET_METHODS})")
+                   help="the main table, then the homogeneous setting, then the bucket and noisy settings "
+                        f"({BUCKET_METHODS}), then FedVPA-GP's table (vpa.py)")
     # -- your own task: the server-side data that replaces the embedded benchmark's ------------
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="your own GRPO prompt pool: JSONL with image, prompt (optional: domain, answer; "
@@ -126,11 +129,18 @@ def parse_args(argv=None):
                    help="the shift scenario: client NAME's RM stays one of the K arms, but NAME takes no part "
                         "in the router's rounds (as if it joined after the router was trained), so the router "
                         "starts wrong on NAME's prompts and online routing (mor_nts) must recover them")
+    p.add_argument("--router-from", default=None, metavar="FILE",
+                   help="clients that join and leave: start the router's rounds from a trained router "
+                        "(a router-<setting>.safetensors, its .json beside it names its clients) instead of "
+                        "from scratch; a client that left loses its row, one that joined gets a new row it "
+                        "fits on its own pairs first (federated.warm_start); then --rounds rounds")
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
     # -- E5/E8: GRPO of a copy of the reference for every method and seed ------------------------
     p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
-    p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2; --quick 0)")
-    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 80, --quick 3)")
+    p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2,3,4; --quick 0)")
+    p.add_argument("--single-rm-seeds", type=int, default=3,
+                   help="a single client's RM alone (rm_*) runs only the first N of --seeds (default %(default)s)")
+    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 40, --quick 3)")
     p.add_argument("--grpo-prompts", type=int, default=16, help="prompts N per GRPO step")
     p.add_argument("--group", type=int, default=8, help="samples G per prompt")
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="AdamW learning rate of GRPO")
@@ -148,9 +158,10 @@ def parse_args(argv=None):
                    help="E7's bandit feedback: probe (on a share --nts-probe of prompts every RM scores the "
                         "group and the router's soft mixture referees) or median (the old objective-gain rule, "
                         "an ablation); see nts.py")
-    p.add_argument("--nts-probe", type=float, default=0.25,
+    p.add_argument("--nts-probe", type=float, default=0.08,
                    help="share of prompts probed by every RM for --nts-feedback probe (RM rows per sample: "
-                        "1 + p (K - 1))")
+                        "1 + p (K - 1); default %(default)s: with K = 3, (1 + 2p) / 3 = 39%% of the soft "
+                        "mixture's rows, under the 40%% budget; 0.25 measured 49%%)")
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
     for k, v in size.items():
@@ -169,7 +180,7 @@ def parse_args(argv=None):
 INT_AT_LEAST = {"max_new_tokens": 1, "seed": 0, "threads": 1, "workers": 1, "pretrain_steps": 0, "sft_steps": 1, "sft_batch": 1,
                 "test_per_domain": 1, "rm_sft_steps": 0, "rm_steps": 1, "rm_batch": 1, "rounds": 1,
                 "local_epochs": 1, "router_batch": 1, "router_pairs": 1, "router_hidden": 1, "grpo_steps": 1,
-                "grpo_prompts": 1, "group": 2, "nts_update_steps": 0}
+                "grpo_prompts": 1, "group": 2, "nts_update_steps": 0, "single_rm_seeds": 1}
 # group >= 2: E5's advantage divides by the std of the group's rewards, undefined for one sample.
 POSITIVE_FLOAT = ["sft_lr", "pretrain_lr", "rm_lr", "router_lr", "grpo_lr", "nts_lambda"]
 NONNEGATIVE_FLOAT = ["beta", "nts_nu", "nts_probe", "format_share"]
@@ -250,6 +261,12 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
     if a.router_withhold is not None and a.router_withhold not in [*SETTINGS[a.setting], *user]:
         p.error(f"--router-withhold {a.router_withhold!r}: not a client of the {a.setting} setting "
                 f"({[*SETTINGS[a.setting], *user]})")
+    if a.router_from is not None:
+        side = os.path.splitext(a.router_from)[0] + ".json"
+        if not a.router_from.endswith(".safetensors") or not os.path.isfile(a.router_from):
+            p.error(f"--router-from {a.router_from}: expected an existing router-<setting>.safetensors")
+        if not os.path.isfile(side):
+            p.error(f"--router-from {a.router_from}: {side} (its clients' names) not found beside it")
     if a.setting == "own" and not user:
         p.error("--setting own: the federation is the clients you bring; give at least one --client-data NAME=FILE")
     # A checkpoint directory is checked in full now (config, safetensors headers, no remote code,
@@ -267,9 +284,20 @@ def main(argv=None) -> int:
     if a.full:
         # One run directory, three settings: sft and the RMs of shared families are reused.
         argv = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--full"]
-        for setting, extra in (("heterogeneous", []), ("homogeneous", []), ("bucket", ["--methods", BUCKET_METHODS])):
+        for setting, extra in (("heterogeneous", []), ("homogeneous", []), ("bucket", ["--methods", BUCKET_METHODS]),
+                              ("noisy", ["--methods", BUCKET_METHODS])):
             print(f"=== --full: {setting} setting ===", flush=True)
             main([*argv, "--setting", setting, *(extra if a.methods is None else [])])
+        # FedVPA-GP's table (docs/vpa.md) on the same reference: 5 training seeds, ~13 min on
+        # one thread. Kept when its results are newer than the base they were computed on.
+        import vpa
+
+        res, base = Path(a.run_dir) / "vpa-results.json", Path(a.run_dir) / "base" / "provenance.json"
+        if a.force or not res.exists() or res.stat().st_mtime < base.stat().st_mtime:
+            print("=== --full: FedVPA-GP (vpa.py) ===", flush=True)
+            vpa.pipeline_step(a.run_dir)
+        else:
+            print(f"=== --full: FedVPA-GP: {res} is newer than the base, kept ===", flush=True)
         return 0
     # An explicit thread count: torch's default spins badly when another process shares the
     # two cores (docs/method.md, implementation notes), and speeds are only comparable at one fixed count.
@@ -338,6 +366,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    sys.exit(main())

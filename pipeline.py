@@ -44,8 +44,10 @@ QUICK = dict(pretrain_steps=5, sft_steps=40, test_per_domain=96, rm_sft_steps=10
 
 
 DEFAULT = dict(pretrain_steps=600, sft_steps=300, test_per_domain=None, rm_sft_steps=300, rm_steps=300,
-               rounds=30, seeds="0,1,2", grpo_steps=80, router_pairs=600)
+               rounds=30, seeds="0,1,2,3,4", grpo_steps=40, router_pairs=600)
 
+
+BASE_FAMILY = "qwen2_vl"  # the embedded base's family (stages.stage_base builds it)
 
 # Client -> the family of its own VLM. Heterogeneous: colour needs no fine detail, so it gets
 # LLaVA-OneVision (a patch-16 SigLIP tower, the cheapest); shape and position need the finer
@@ -57,22 +59,40 @@ SETTINGS = {
 }
 
 
-# The bucket effect (the paper's "a bucket holds only as much as its shortest stave"): the
-# heterogeneous federation plus a weak fourth client. `noisy` labelled the public split's images
-# (all three domains) carelessly: half of its preferences are reversed (data.flip_pairs), so its
-# RM carries no signal, yet it holds the most pairs. Avg RM gives it 1/K of every reward and
-# Weighted RM the largest share (n_k measures quantity, not quality). MoR's router could learn
-# from the other clients' data that its RM predicts nobody's preferences; measured (docs/results.md), the
-# weak client's routing loss on its random labels is lowest where the mixed margin is smallest,
-# i.e. on its own RM's (mean |margin| 0.26 vs 0.53-0.88), and its large n_k in FedAvg carries
-# that pull to every domain: MoR loses 2.6 points, Avg RM 0.4.
-SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
+# A weak fourth client, two ways (docs/benchmark.md). Both join the heterogeneous federation.
+#
+# bucket, the paper's bucket effect ("a bucket holds only as much as its shortest stave"): the
+# weak client is honest but weak, "a weak computer or a bad model". `weak` holds clean labels,
+# few of them (WEAK_QUESTIONS public-split questions over all three domains, each of which
+# already has an expert), and trains its RM with a fraction of the recipe (WEAK_RM_STEPS). Its RM
+# is right more often than chance and less often than each expert; Avg RM hands it 1/K of every
+# reward anyway, and MoR's router can learn from its clean pairs that the experts predict them
+# better than its own RM does.
+#
+# noisy, a stress test beyond the paper: `noisy` labelled the public split's questions
+# carelessly, half of its preferences reversed (data.flip_pairs), so its RM carries no signal,
+# yet it holds the most pairs. Measured (docs/results.md): its routing loss on random labels is
+# lowest where the mixed margin is smallest, i.e. on its own RM's, and its large n_k in plain
+# FedAvg carries that pull to every domain (MoR -2.6 points, Avg RM -0.4); a robust --aggregate
+# rule (federated.py) is the answer to it.
+SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], weak="llava_onevision")
+SETTINGS["noisy"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
 # Your own task: no embedded client; the federation is the --client-data clients.
 SETTINGS["own"] = {}
-WEAK_CLIENT, WEAK_FLIP = "noisy", 0.5
+WEAK_FLIP = 0.5  # noisy: share of its preferences reversed
+WEAK_QUESTIONS = 240  # weak: its clean questions (an expert holds 1,000-1,500 of its one domain)
+WEAK_RM_STEPS = (30, 40)  # weak: (SFT warm-up, BT) steps instead of the recipe's (300, 300)
+# setting -> (its weak client, how the tables describe it)
+WEAK_CLIENTS = {"bucket": ("weak", f"honest labels on {WEAK_QUESTIONS} questions, an RM trained "
+                                   f"{WEAK_RM_STEPS[0]} + {WEAK_RM_STEPS[1]} steps"),
+                "noisy": ("noisy", f"{int(100 * WEAK_FLIP)}% of its preferences reversed")}
 
 
-BUCKET_METHODS = "mor,avg_rm,weighted_rm"  # --full: the comparison the bucket effect is about
+def weak_client(setting: str) -> str | None:
+    return WEAK_CLIENTS[setting][0] if setting in WEAK_CLIENTS else None
+
+
+BUCKET_METHODS = "mor,avg_rm,weighted_rm"  # --full: the comparison the weak-client settings are about
 
 
 # A client brought with --client-data NAME=FILE joins the setting's federation with its own pairs
@@ -123,9 +143,14 @@ class Run:
             fed = data.build_federation(a.seed, test_per_domain=a.test_per_domain)
             if a.setting == "own":
                 fed.clients = {}
-            if WEAK_CLIENT in SETTINGS[a.setting]:
-                # the weak client's questions: the public split's (its labels get flipped below)
-                fed.clients[WEAK_CLIENT] = list(fed.public)
+            if a.setting == "noisy":
+                # the noisy client's questions: the public split's (its labels get flipped below)
+                fed.clients["noisy"] = list(fed.public)
+            if a.setting == "bucket":
+                # the weak client's: a seeded sample of the public split's images' questions with
+                # their true labels (the server's copy of that split was labelled carelessly)
+                clean = data.build_federation(a.seed, test_per_domain=1, confusions={}).public
+                fed.clients["weak"] = random.Random(f"weak-{a.seed}").sample(clean, WEAK_QUESTIONS)
             for name in self.user_data:
                 # a user client has pairs, not labelled questions: Run.clients reads its JSONL;
                 # here it only takes its place (and its index k) among the K clients
@@ -181,13 +206,16 @@ class Run:
         a = self.args
         given = dict(kv.split("=", 1) for kv in a.client_model)
         init = ({"checkpoint": provenance.dir_digest(given[client])} if client in given
+                else {"base": provenance.digest(self.base_inputs())} if self.from_base(client)
                 else {"tiny": self.family(client), "seed": a.seed})
         if client in self.user_data:
             src = provenance.data_digest(self.user_data[client])
         else:
-            src = "embedded, half reversed" if client == WEAK_CLIENT else "embedded"
+            src = {"noisy": "embedded, half reversed", "weak": f"embedded, {WEAK_QUESTIONS} clean questions"
+                   }.get(client if client == weak_client(a.setting) else None, "embedded")
+        cfg = self.rm_config(client)
         out = {"stage": "reward", "client": client, "init": init, "data": src, "seed": a.seed,
-               "sft_steps": a.rm_sft_steps, "steps": a.rm_steps, "batch": a.rm_batch, "lr": a.rm_lr,
+               "sft_steps": cfg.sft_steps, "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr,
                "format_share": a.format_share}
         if a.format_share:  # format pairs are drawn from the public split
             out["public"] = self.data_source("sft_data")
@@ -204,7 +232,8 @@ class Run:
         return {"stage": "router", "reference": provenance.digest(self.sft_inputs()), "rms": self.rm_digests(),
                 "rounds": a.rounds, "local_epochs": a.local_epochs, "lr": a.router_lr, "batch": a.router_batch,
                 "pairs": a.router_pairs, "route_on": a.route_on, "hidden": a.router_hidden,
-                "fraction": a.client_fraction, "seed": a.seed, "aggregate": a.aggregate, "withheld": a.router_withhold}
+                "fraction": a.client_fraction, "seed": a.seed, "aggregate": a.aggregate, "withheld": a.router_withhold,
+                "warm_start": provenance.file_digest(a.router_from) if a.router_from else None}
 
     def policy_inputs(self, method: str, seed: int) -> dict:
         a = self.args
@@ -224,7 +253,13 @@ class Run:
 
     def grpo_inputs(self) -> dict:
         return {"stage": "grpo", "policies": {f"{m}/seed{s}": provenance.digest(self.policy_inputs(m, s))
-                                              for m in methods(self) for s in self.args.seeds}}
+                                              for m in methods(self) for s in self.seeds(m)}}
+
+    def seeds(self, method: str) -> list[int]:
+        """A method's GRPO seeds: every --seeds seed; a single client's RM alone (rm_*), a
+        baseline no claim rests on, the first --single-rm-seeds of them (default 3, 5 for the rest)."""
+        s = list(self.args.seeds)
+        return s[: self.args.single_rm_seeds] if method.startswith("rm_") else s
 
     def test_signature(self) -> dict:
         """What the test split is made of and how it is judged: an evaluation cached under another
@@ -262,7 +297,7 @@ class Run:
                                          for k in self.fed.clients):
             return False
         if stage == "grpo" and not all(self.fresh(policy_dir(self, m, s), self.policy_inputs(m, s), f"grpo {m} s{s}")
-                                       for m in methods(self) for s in self.args.seeds):
+                                       for m in methods(self) for s in self.seeds(m)):
             return False
         return self.fresh(self.output(stage), self.stage_inputs(stage), stage)
 
@@ -273,7 +308,7 @@ class Run:
         if stage == "grpo":
             return any(policy_dir(self, m, s).exists() and not self.fresh(policy_dir(self, m, s),
                                                                            self.policy_inputs(m, s), f"grpo {m} s{s}")
-                       for m in methods(self) for s in self.args.seeds)
+                       for m in methods(self) for s in self.seeds(m))
         if stage == "reward" and any(self.rm_dir(k).exists() and not self.fresh(self.rm_dir(k), self.rm_inputs(k),
                                                                                  f"reward {k}")
                                      for k in self.fed.clients):
@@ -289,7 +324,7 @@ class Run:
             inputs = dict(inputs, clients={k: self.rm_inputs(k) for k in self.fed.clients})
         if stage == "grpo":
             inputs = dict(inputs, policies={f"{m}/seed{s}": self.policy_inputs(m, s)
-                                            for m in methods(self) for s in self.args.seeds})
+                                            for m in methods(self) for s in self.seeds(m)})
         cfg_path = self.dir / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         cfg.setdefault("stages", {})[stage + ("" if stage in ("base", "sft") else f"-{self.args.setting}")] = inputs
@@ -308,7 +343,7 @@ class Run:
             if name in self.user_data:  # validated row by row: errors name file:line:field
                 return safe_io.pairs(self.rows(self.user_data[name], "pairs"), name)
             p = data.make_pairs(exs, self.args.seed)
-            return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == WEAK_CLIENT else p
+            return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == "noisy" == weak_client(self.args.setting) else p
 
         def client(name, exs):
             p = pairs(name, exs)
@@ -331,12 +366,25 @@ class Run:
         return self.dir / "clients" / client / f"reward-{self.family(client)}"
 
     def client_init(self, client: str) -> Path:
-        """The VLM a client starts from: --client-model NAME=DIR, else the tiny checkpoint of its
-        family, built once per run (every client of one family starts from the same weights)."""
+        """The VLM a client starts from: --client-model NAME=DIR; else, for a client of the
+        embedded base's family (Qwen2-VL), the pre-trained base (base_init), as a real client
+        would download the same public checkpoint the server starts from; else the tiny
+        checkpoint of its family, built once per run (every client of one family starts from the
+        same weights). Why the base: a Qwen2-VL client trained from random weights learned the
+        position domain on one machine and sat at chance on another (SFT loss stuck at 0.355 for
+        300 steps, RM 80.7% in-domain against 100%); from the base its SFT loss is 0.03 within
+        30 steps (docs/benchmark.md)."""
         given = dict(kv.split("=", 1) for kv in self.args.client_model)
         if client in given:
             return Path(given[client])
+        if self.from_base(client):
+            return self.dir / "base_init"
         return self.tiny_dir(self.family(client))
+
+    def from_base(self, client: str) -> bool:
+        """Does this client start from the embedded pre-trained base (client_init)?"""
+        given = dict(kv.split("=", 1) for kv in self.args.client_model)
+        return client not in given and not self.args.base and self.family(client) == BASE_FAMILY
 
     def tiny_dir(self, family: str) -> Path:
         """The tiny checkpoint of a family, built once per run and data seed."""
@@ -348,10 +396,14 @@ class Run:
                 models.build_tiny(family, tmp, seed=self.args.seed)
         return out
 
-    def rm_config(self) -> reward.RMConfig:
-        # the local RM recipe every client follows (warm-up SFT sizes keep RMConfig's defaults)
+    def rm_config(self, client: str | None = None) -> reward.RMConfig:
+        # the local RM recipe every client follows (warm-up SFT sizes keep RMConfig's defaults);
+        # the bucket setting's weak client runs a fraction of it (never more than the flags ask)
         a = self.args
-        return reward.RMConfig(sft_steps=a.rm_sft_steps, steps=a.rm_steps, batch=a.rm_batch, lr=a.rm_lr)
+        sft, steps = a.rm_sft_steps, a.rm_steps
+        if client is not None and client == weak_client(a.setting) == "weak":
+            sft, steps = min(sft, WEAK_RM_STEPS[0]), min(steps, WEAK_RM_STEPS[1])
+        return reward.RMConfig(sft_steps=sft, steps=steps, batch=a.rm_batch, lr=a.rm_lr)
 
     def record_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(seconds, 2)
@@ -431,7 +483,7 @@ def trained_methods(run: Run) -> list[str]:
         trained = json.loads(run.output("grpo").read_text())
         ms = [m for m in ms if m in trained]
     for m in ms:
-        for s in run.args.seeds:
+        for s in run.seeds(m):
             d = policy_dir(run, m, s)
             if not (d / "grpo_log.json").exists():
                 raise SystemExit(f"eval: {d} holds no GRPO policy; run --stages grpo with --methods {m} "

@@ -11,7 +11,7 @@ import json
 
 import data
 import stats
-from pipeline import WEAK_CLIENT, WEAK_FLIP, Run, policy_dir, trained_methods
+from pipeline import WEAK_CLIENTS, Run, policy_dir, trained_methods
 from safe_io import atomic_savefig
 
 
@@ -60,7 +60,7 @@ def plots(run: Run) -> None:
         # mixtures): compare their trends, not their levels; accuracy is comparable across methods.
         for method in trained_methods(run):
             # trained_methods has checked that every seed's log is there
-            logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.args.seeds]
+            logs = [json.loads((policy_dir(run, method, s) / "grpo_log.json").read_text()) for s in run.seeds(method)]
             for ax, key in zip(axes, ("reward", "accuracy")):
                 if logs and logs[0][key]:
                     n = min(len(lg[key]) for lg in logs)
@@ -79,7 +79,7 @@ def plots(run: Run) -> None:
         own = {d: k for k, d in enumerate(run.fed.clients) if d in run.fed.test}
         curves = {}
         for method in trained_methods(run):
-            logs = [policy_dir(run, method, s) / "routing_log.jsonl" for s in run.args.seeds]
+            logs = [policy_dir(run, method, s) / "routing_log.jsonl" for s in run.seeds(method)]
             if own and all(f.exists() for f in logs):
                 rows = [json.loads(x) for f in logs for x in f.read_text().splitlines()]
                 for d, k in own.items():
@@ -195,8 +195,36 @@ def paired_comparisons(r: dict) -> dict:
                  "overall": stats.paired([sa["overall"][i] for i in ia], [sb["overall"][i] for i in ib])}
         for d in r["domains"]:
             entry[d] = stats.paired([sa["accuracy"][d][i] for i in ia], [sb["accuracy"][d][i] for i in ib])
+        entry["crn"] = stats.crn_widths([sa["overall"][i] for i in ia], [sb["overall"][i] for i in ib])
         out[f"{a}-{b}"] = entry
     return out
+
+
+def weak_client_effect(results: dict, without: dict) -> tuple[dict, dict]:
+    """The weak-client settings against the main table, seed by seed on the seeds both ran:
+    without  {method: {domain: {mean, std}}}  the main table's accuracy on those seeds;
+    effect   {"<m>": paired(with, without), "<m>-<b>": paired(change of m, change of b)} overall,
+             where change = with - without per seed (stats.paired; "mor-avg_rm" >= 0: MoR loses
+             no more from the weak client than Avg RM does)."""
+    doms, out, change = results["domains"], {}, {}
+    effect = {}
+    for m, r in results["methods"].items():
+        if m not in without or "per_seed" not in without[m] or "per_seed" not in r:
+            continue
+        w1, w0 = r["per_seed"], without[m]["per_seed"]
+        common = [s for s in w1["seeds"] if s in w0["seeds"]]
+        i1, i0 = [w1["seeds"].index(s) for s in common], [w0["seeds"].index(s) for s in common]
+        out[m] = {d: _mean_std([w0["accuracy"][d][i] for i in i0]) for d in doms}
+        a, b = [w1["overall"][i] for i in i1], [w0["overall"][i] for i in i0]
+        effect[m] = dict(stats.paired(a, b), seeds=common)
+        change[m] = dict(zip(common, (x - y for x, y in zip(a, b))))
+    for m in change:
+        for base in ("avg_rm", "weighted_rm"):
+            if m != base and base in change and not m.endswith("_rm"):
+                common = [s for s in change[m] if s in change[base]]
+                effect[f"{m}-{base}"] = dict(stats.paired([change[m][s] for s in common],
+                                                          [change[base][s] for s in common]), seeds=common)
+    return out, effect
 
 
 # Claims of the paper (and of the issues' targets) against the paired numbers: (text, pair key,
@@ -235,12 +263,17 @@ def paired_markdown(r: dict) -> list[str]:
         return []
     doms = r["domains"]
     out = ["", "Paired differences A - B by seed, accuracy points: mean [95% interval]; p of the paired "
-           "t-test; wins = seeds where A is ahead (stats.py)", "",
-           "| A - B | overall | " + " | ".join(doms) + " | p | wins |", "|---|" + "---|" * (len(doms) + 3)]
+           "t-test; wins = seeds where A is ahead; CRN = width of the overall interval paired by seed "
+           "(common prompt order and sampler stream) / its mean width with the seeds mismatched, i.e. "
+           "as independent runs would give (stats.py)", "",
+           "| A - B | overall | " + " | ".join(doms) + " | p | wins | CRN width |", "|---|" + "---|" * (len(doms) + 4)]
     for key, c in r["paired"].items():
         p = "n/a" if c["overall"]["p"] is None else f"{c['overall']['p']:.3f}"
+        crn = c.get("crn")
+        w = f"{100 * crn['paired']:.1f} / {100 * crn['mismatched']:.1f}" if crn else "n/a"
         out.append(f"| {key.split('-')[0]} - {c['vs']} | {_ci(c['overall'])} | "
-                   + " | ".join(_ci(c[d]) for d in doms) + f" | {p} | {c['overall']['wins']}/{c['overall']['n']} |")
+                   + " | ".join(_ci(c[d]) for d in doms)
+                   + f" | {p} | {c['overall']['wins']}/{c['overall']['n']} | {w} |")
     if r.get("claims"):
         out += ["", "Claims, settled at 95% by the paired intervals above (generated by the eval stage)", "",
                 "| claim | comparison | difference [95% interval] | verdict |", "|---|---|---|---|"]
@@ -280,6 +313,8 @@ def results_markdown(r: dict) -> str:
         names = sorted(r["methods"], key=lambda k: (order.index(k) if k in order else len(order), k))
         for name, m in ((k, r["methods"][k]) for k in names):
             acc = {d: m["accuracy"][d]["mean"] for d in doms}
+            if m.get("seeds") and m["seeds"] != r["seeds"]:  # the single-RM rows keep fewer seeds
+                name = f"{name} (seeds {','.join(map(str, m['seeds']))})"
             overall = sum(acc[d] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
             wr = sum(m["win_rate"][d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
             out.append(f"| {name} | " + " | ".join(f"{100 * m['accuracy'][d]['mean']:.1f} +/- "
@@ -311,16 +346,23 @@ def results_markdown(r: dict) -> str:
         def overall(acc):
             return sum(acc[d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
 
-        out += ["", f"Bucket effect: accuracy (%) without and with the weak client `{WEAK_CLIENT}` "
-                f"({int(100 * WEAK_FLIP)}% of its preferences reversed), mean over seeds {r['seeds']}", "",
+        weak, what = WEAK_CLIENTS.get(r.get("setting"), ("weak", "a fourth client"))
+        out += ["", f"Weak client: accuracy (%) without and with the fourth client `{weak}` "
+                f"({what}), mean over seeds {r['seeds']}", "",
                 "| method | " + " | ".join(f"{d} without / with" for d in doms) + " | overall without | with | change |",
                 "|---|" + "---|" * (len(doms) + 3)]
         for name, acc0 in r["without_weak_client"].items():
             acc1 = r["methods"][name]["accuracy"]
+            eff = r.get("weak_client_effect", {}).get(name)
             out.append(f"| {name} | " + " | ".join(f"{100 * acc0[d]['mean']:.1f} / {100 * acc1[d]['mean']:.1f}"
                                                   for d in doms)
                        + f" | {100 * overall(acc0):.1f} | {100 * overall(acc1):.1f} "
-                       f"| {100 * (overall(acc1) - overall(acc0)):+.1f} |")
+                       f"| {_ci(eff) if eff else f'{100 * (overall(acc1) - overall(acc0)):+.1f}'} |")
+        diffs = {k: e for k, e in r.get("weak_client_effect", {}).items() if "-" in k}
+        if diffs:  # does MoR lose less than the averages? paired by seed: change(A) - change(B)
+            out += ["", "Change from the weak client, A's minus B's, paired by seed (accuracy points, 95% interval; "
+                    ">= 0: A loses no more than B)", "", "| A - B | change difference | verdict |", "|---|---|---|"]
+            out += [f"| {k.replace('-', ' - ')} | {_ci(e)} | {stats.verdict(e)} |" for k, e in diffs.items()]
     if "rm_pair_accuracy" in r:
         out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
                 "row = reward model, column = domain", "", matrix_markdown(r["rm_pair_accuracy"], doms)]

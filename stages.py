@@ -37,11 +37,12 @@ import provenance
 import reward
 import router
 from evaluate import JUDGES, evaluate, win_rate
-from pipeline import (PRETRAIN_IMAGES, SETTINGS, WEAK_CLIENT, Run, grpo_config, make_router, methods,
+from pipeline import (BASE_FAMILY, PRETRAIN_IMAGES, SETTINGS, Run, weak_client, grpo_config, make_router, methods,
                       policy_dir, set_seed, trained_methods, weight_sources)
 from report import (_chance, _mean_std, _moving_max, claims, gates, matrix_markdown, paired_comparisons, plots,
-                    results_markdown, router_markdown)
+                    results_markdown, router_markdown, weak_client_effect)
 from reward import train_sft
+from safetensors.torch import load_file
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
 
@@ -53,12 +54,13 @@ def preflight(run: Run) -> None:
     a = run.args
     for name, path in run.user_data.items():
         rows = run.rows(path, "pairs")
-        init = run.client_init(name)
+        given = dict(kv.split("=", 1) for kv in a.client_model)
+        init = given.get(name) or run.tiny_dir(run.family(name))  # its tokenizer and context (the base has the same)
         models.check_lengths(rows, path, AutoProcessor.from_pretrained(init), models.context_length(init))
     files = [(f, getattr(a, f)) for f in ("sft_data", "prompts", "eval") if getattr(a, f)]
     if files:
         # the server's model reads these: the user's --base, else the tiny Qwen2-VL the base is built as
-        base = Path(a.base) if a.base else run.tiny_dir("qwen2_vl")
+        base = Path(a.base) if a.base else run.tiny_dir(BASE_FAMILY)
         proc, ctx = AutoProcessor.from_pretrained(base), models.context_length(base)
         kinds = {"sft_data": "sft", "prompts": "prompts", "eval": "eval"}
         for flag, path in files:
@@ -75,7 +77,7 @@ def stage_base(run: Run) -> None:
     set_seed(a.seed)
     with atomic_dir(run.dir / "base_init") as tmp:
         provenance.record_dir(tmp, run.base_inputs())
-        models.build_tiny("qwen2_vl", tmp, seed=a.seed)
+        models.build_tiny(BASE_FAMILY, tmp, seed=a.seed)
         if a.pretrain_steps:
             model, proc = models.load_vlm(tmp, device=run.device)
             examples = data.pretrain_examples(PRETRAIN_IMAGES, a.seed)
@@ -129,16 +131,25 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
         else:
             run.client_init(name)  # built here, once: two workers must not race for one family dir
             todo.append(name)
-    jobs = [(a, None, list(beside))] if beside else []  # the server's chain first: the longest job
-    jobs += [(a, name, []) for name in todo]
+    # Clients of the base's family start from the pre-trained base (Run.client_init), so their
+    # RMs wait for it: two waves, [base + the other clients' RMs], then [sft + those RMs].
+    later = [n for n in todo if run.from_base(n)]
+    if later and "base" not in beside and not (run.dir / "base_init").exists():
+        raise SystemExit(f"[reward] clients {later} start from the pre-trained base, which is missing: "
+                         "add base to --stages")
+    waves = [[(a, None, [s]) for s in beside if s == "base"] + [(a, n, []) for n in todo if n not in later],
+             [(a, None, [s]) for s in beside if s == "sft"] + [(a, n, []) for n in later]]
     times = {}
-    if a.workers > 1 and len(jobs) > 1:
-        for t in in_workers(_reward_worker, jobs, a.workers):
-            times.update(t)
-    else:
-        times = server_job(run, beside)[1] if beside else {}
-        for name in todo:
-            tqdm.write(reward_job(run, clients[name]))
+    for jobs in waves:  # the server's stage first in each wave: the longest job
+        if a.workers > 1 and len(jobs) > 1:
+            for t in in_workers(_reward_worker, jobs, a.workers):
+                times.update(t)
+        else:
+            for _, name, server in jobs:
+                if name is None:
+                    times.update(server_job(run, server)[1])
+                else:
+                    tqdm.write(reward_job(run, clients[name]))
     uploads = {name: run.rm_dir(name) for name in clients}
     # FedAvg-RM is only defined between copies of one architecture and one initialisation: the
     # homogeneous setting. In the heterogeneous one, sharing parameters is impossible, which is
@@ -200,7 +211,7 @@ def reward_job(run: Run, client: federated.Client) -> str:
     set_seed(run.args.seed)
     with atomic_dir(run.rm_dir(client.name)) as tmp:
         provenance.record_dir(tmp, run.rm_inputs(client.name))
-        m = client.train_reward_model(run.client_init(client.name), tmp, run.rm_config(), run.device)
+        m = client.train_reward_model(run.client_init(client.name), tmp, run.rm_config(client.name), run.device)
     return (f"reward {client.name} ({m['family']}): held-out pair accuracy {m['heldout_accuracy']:.3f} "
             f"on {m['heldout_pairs']} pairs, {m['seconds']:.0f}s")
 
@@ -273,6 +284,9 @@ def stage_router(run: Run) -> None:
         return {"heldout_acc": {k: c.mixed_accuracy(m) for k, c in clients.items()}}
 
     t = time.time()
+    joined = []
+    if a.router_from:  # clients that joined or left since that router was trained: no retraining
+        model, joined = warm_start_router(run, a.router_from, clients, make)
     # the shift scenario: the withheld client's RM is an arm, but its pairs never train the router
     members = [c for k, c in clients.items() if k != a.router_withhold]
     log = federated.run_rounds(model, make, members, a.rounds, a.local_epochs, a.router_lr,
@@ -290,12 +304,42 @@ def stage_router(run: Run) -> None:
     weights = {k: dict(zip(names, wk.mean(0).tolist())) for k, wk in w.items()}
     entropy = {k: router.routing_entropy(wk) for k, wk in w.items()}
     summary = {"setting": a.setting, "aggregate": a.aggregate, "withheld": a.router_withhold, "rms": names,
+               "warm_start": {"from": a.router_from, "joined": joined} if a.router_from else None,
                "heldout_pair_accuracy": acc, "routing_weights": weights,
                "routing_entropy": entropy, "max_entropy": math.log(len(names)), "rounds": log,
                "seconds": {"precompute": round(prep, 1), "rounds": round(rounds_s, 2)}}
     atomic_write_json(run.dir / f"router-{a.setting}.json", summary)
     atomic_save_file(run.output("router"), model.state_dict())
     print(router_markdown(summary))
+
+
+def warm_start_router(run: Run, path: str, clients: dict, make) -> tuple[torch.nn.Module, list[str]]:
+    """--router-from: the trained router of an earlier federation, rows moved to this one's
+    clients (federated.warm_start); each joining client then fits its own new row on its own
+    pairs (Client.fit_new_rm, one exchange). -> (router, names of the joining clients)."""
+    old_names = json.loads(Path(path).with_suffix(".json").read_text())["rms"]
+    state = load_file(path)  # safetensors only
+    new = make()
+    W = [k for k in state if k.startswith("net.") and k.endswith(".weight")][-1]
+    if state[W].shape[0] != len(old_names) or state[W].shape[1] != new.hidden or \
+            state["feat_mean"].shape != new.feat_mean.shape:
+        raise SystemExit(f"--router-from {path}: a router over {state[W].shape[0]} RMs with input "
+                         f"{tuple(state['feat_mean'].shape)} and hidden {state[W].shape[1]} does not fit this run "
+                         f"({len(old_names)} names, input {tuple(new.feat_mean.shape)}, hidden {new.hidden})")
+    old = router.Router(new.dim, len(old_names), new.hidden, new.context)
+    old.load_state_dict(state)
+    model, rows = federated.warm_start(old, old_names, list(clients))
+    names = list(clients)
+    a = run.args
+    for i in rows:
+        st, _, loss = clients[names[i]].fit_new_rm(model.state_dict(), make, federated.JOIN_FIT_EPOCHS, a.router_lr,
+                                                   a.router_batch, a.seed, row=i)
+        model.load_state_dict(st)
+        tqdm.write(f"router: {names[i]} joined, fitted its row on its own pairs (routing loss {loss:.4f})")
+    left = [n for n in old_names if n not in clients]
+    if left:
+        tqdm.write(f"router: {', '.join(left)} left, row(s) removed")
+    return model, [names[i] for i in rows]
 
 
 def stage_grpo(run: Run) -> None:
@@ -306,7 +350,7 @@ def stage_grpo(run: Run) -> None:
     models do not keep two threads busy, and two 1-thread GRPO runs side by side took 18.6 s per
     25 steps each where one 2-thread run took 12.6 s (0.37 vs 0.50 s per step of throughput)."""
     a = run.args
-    jobs = [(m, s) for m in methods(run) for s in a.seeds]
+    jobs = [(m, s) for m in methods(run) for s in run.seeds(m)]
     todo = [(m, s) for m, s in jobs
             if a.force or not run.fresh(policy_dir(run, m, s), run.policy_inputs(m, s), f"grpo {m} s{s}")]
     for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
@@ -320,7 +364,7 @@ def stage_grpo(run: Run) -> None:
         cache: dict = {}
         for m, s in todo:
             tqdm.write(grpo_job(run, m, s, cache))
-    summary = {m: [str(policy_dir(run, m, s).relative_to(run.dir)) for s in a.seeds] for m in methods(run)}
+    summary = {m: [str(policy_dir(run, m, s).relative_to(run.dir)) for s in run.seeds(m)] for m in methods(run)}
     atomic_write_json(run.output("grpo"), summary)
 
 
@@ -457,10 +501,10 @@ def stage_eval(run: Run) -> None:
         results["paired"] = paired_comparisons(results)
         results["claims"] = claims(results)
     main_table = run.dir / "results.json"
-    if WEAK_CLIENT in SETTINGS[run.args.setting] and main_table.exists() and "methods" in results:
+    if weak_client(run.args.setting) and main_table.exists() and "methods" in results:
         # the bucket effect: the same methods and seeds without the weak client (the main table)
         without = json.loads(main_table.read_text()).get("methods", {})
-        results["without_weak_client"] = {m: without[m]["accuracy"] for m in results["methods"] if m in without}
+        results["without_weak_client"], results["weak_client_effect"] = weak_client_effect(results, without)
     atomic_write_json(run.dir / "reference_correct.json", ref["correct"])
     atomic_write_json(run.output("eval"), results)
     plots(run)
@@ -476,7 +520,7 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
     fed, out = run.fed, {}
     for method in trained_methods(run):
         per_seed = []  # one dict per GRPO seed: test accuracy, win rate, malformed share, KL
-        for seed in run.args.seeds:
+        for seed in run.seeds(method):
             d = policy_dir(run, method, seed)
             cache = d / "eval.json"
             # cached evaluations are reused only for the same test set (--test-per-domain may differ)
@@ -516,8 +560,9 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
             "rm_rows_per_step": _mean_std([e["rm_rows_per_step"] for e in per_seed]),
             "seconds_per_step": _mean_std([e["seconds_per_step"] for e in per_seed]),
-            # per seed, in run.args.seeds order: what the paired comparisons (stats.py) read
-            "per_seed": {"seeds": list(run.args.seeds),
+            # per seed, in run.seeds(method) order: what the paired comparisons (stats.py) read
+            "seeds": run.seeds(method),
+            "per_seed": {"seeds": run.seeds(method),
                          "accuracy": {k: [e["accuracy"][k] for e in per_seed] for k in doms},
                          "overall": [sum(e["accuracy"][k] * n_q[k] for k in doms) / sum(n_q.values())
                                      for e in per_seed]},

@@ -85,6 +85,25 @@ def paired(a: list[float], b: list[float]) -> dict:
     return out
 
 
+def crn_widths(a: list[float], b: list[float]) -> dict | None:
+    """What the common random numbers buy (same prompt order and sampler stream per seed for
+    every method): the 95% interval's width when seed s of A is paired with seed s of B, against
+    its mean width over the n - 1 cyclic mismatches (seed s of A with seed s + k of B), which is
+    what independent runs of the two methods would give. {paired, mismatched, ratio}; None with
+    fewer than 3 seeds (a mismatch of 2 seeds is the same pairs with the sign flipped)."""
+    n = len(a)
+    if n < 3:
+        return None
+
+    def width(x, y):
+        c = paired(x, y)
+        return c["ci95_high"] - c["ci95_low"]
+
+    w = width(a, b)
+    mis = sum(width(a, b[k:] + b[:k]) for k in range(1, n)) / (n - 1)
+    return {"paired": w, "mismatched": mis, "ratio": w / mis if mis > 0 else None}
+
+
 def verdict(c: dict, margin: float = 0.0) -> str:
     """'holds' / 'does not hold' / 'not settled' for the claim "mean > margin" at 95%."""
     if c["ci95_low"] is None:

@@ -1,13 +1,16 @@
 """FedVPA-GP on the conflicting-preference benchmark: the ablation table the pipeline regenerates,
-its evaluation (accuracy, group purity, collapse), and a client's VPA reward model built from its
-own pairs. The method itself (equations V1-V8, models, federated training, VPARewardModel) is
-vpa_model.py; docs/vpa.md has the page, the collapse diagnosis and the table.
+a client's VPA reward model built from its own pairs, and GRPO with it. The method itself
+(equations V1-V8, models, federated training, VPARewardModel) is vpa_model.py; the metrics
+(accuracy, group purity, collapse, answer styles) vpa_eval.py; docs/vpa.md has the page, the
+collapse diagnosis and the tables.
 
   python vpa.py --run-dir runs/default --seeds 0,1,2,3,4 --federations conflict --betas 0.1
       -> <run-dir>/vpa-results.md and vpa-results.json (every seed's per-round log included)
   python vpa.py --run-dir runs/default --client-rm --seeds 0,1,2,3,4
       -> adds the client-RM block: each domain's client holds both labeller groups, trains a
          VPA client RM (saved under <run-dir>/vpa-clients/) vs a plain BT RM on the same pairs
+  python vpa.py --run-dir runs/default --grpo --seeds 0,1,2
+      -> adds the GRPO block (no table): GRPO with the colour client's VPA RM vs its plain BT RM
 
 Everything runs on frozen E2 features e(x, y) [D] of the reference policy (<run-dir>/base,
 router.features), computed once and cached as safetensors, so a whole federated run costs seconds
@@ -28,9 +31,9 @@ used; the table counts collapses per variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -39,31 +42,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import data
+import grpo
 import models
 import reward
 import router as routing
-from vpa_model import (VPA, ClientFeatures, VPAConfig, VPARewardModel, entropy, episode_terms, episodes,
-                       train_federated)
+from evaluate import evaluate as evaluate_policy
+from progress import Progress
+from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
+from vpa_eval import (_ms, _pct, client_posterior, evaluate, full_answer, heldout_accuracy,  # noqa: F401 (re-exported)
+                      neg_elbo)
+from vpa_eval import (StyleGuard, StyleJudge, answer_style, grpo_markdown, rm_diagnostics, rounds_markdown,
+                      sampled_styles, style_logprobs)
+from vpa_model import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
 
 # ----------------------------------------------------------------------------------------------
 # The benchmark: easy-VQA pairs, the conflicting-preference variant, cached features
 # ----------------------------------------------------------------------------------------------
-
-
-def full_answer(prompt: str, answer: str) -> str:
-    """The "full sentence" style of an answer, in the benchmark's vocabulary:
-    colour/shape -> "the shape is red", position -> "the shape is on the left" / "at the top"."""
-    if answer in ("left", "right"):
-        return f"the shape is on the {answer}"
-    if answer in ("top", "bottom"):
-        return f"the shape is at the {answer}"
-    return f"the shape is {answer}"
 
 
 def heldout_split(pairs: list[data.Pair], name: str, seed: int, heldout: float = 0.1) -> tuple[list[int], list[int]]:
@@ -103,12 +101,6 @@ def plain_clients(fed: data.Federation, seed: int) -> dict[str, tuple[str, list[
     return {d: (d, data.make_pairs(exs, seed)) for d, exs in fed.clients.items()}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def reference_fingerprint(ref_dir: Path) -> str:
     """Names, sizes and mtimes of the reference's weight files: features (and every VPA trained on
     them) belong to one reference."""
@@ -145,9 +137,8 @@ def feature_table(triples: list[tuple[str, str, str]], ref_dir: Path, cache: Pat
         table.update({t: e_new[i] for i, t in enumerate(todo)})
         if cache is not None:
             keys = sorted(table)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(cache, lambda p: save_file({"e": torch.stack([table[k] for k in keys]).contiguous()}, str(p)))
-            _atomic(side, lambda p: p.write_text(json.dumps({"reference": fp, "triples": [list(k) for k in keys]})))
+            atomic_save_file(cache, {"e": torch.stack([table[k] for k in keys])})
+            atomic_write_text(side, json.dumps({"reference": fp, "triples": [list(k) for k in keys]}))
     return table
 
 
@@ -182,106 +173,6 @@ def client_features(clients: dict[str, tuple[str, list[data.Pair]]], seed: int, 
     table = feature_table(triples, ref_dir, cache)
     return [group_features(name, pairs, [g] * len(pairs), seed, ref_dir, None, table)[0]
             for name, (g, pairs) in clients.items()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: posterior, accuracy, purity, collapse
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def client_posterior(model: VPA, client: ClientFeatures, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The client's posterior from S context sets of C of its own training pairs:
-    (q_k [P] = mean of the S posteriors, q_s [S, P] each set's posterior)."""
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
-    ctx, _ = episodes(client.n, cfg.eval_contexts, cfg.context, 1, g)
-    q = F.softmax(model.posterior_logits(client.train_w[ctx], client.train_l[ctx]), -1)  # [S, P]
-    return q.mean(0), q
-
-
-@torch.no_grad()
-def neg_elbo(model: VPA, clients: list[ClientFeatures], prior: torch.Tensor, seed: int = 0, held: bool = False) -> float:
-    """-ELBO per target pair (V4, exact expectation over q), n_k-weighted over clients, on fixed
-    episodes: comparable across rounds. held=True draws the targets from held-out pairs (context
-    still from training pairs)."""
-    tot, n = 0.0, 0
-    cfg = model.cfg
-    for k, c in enumerate(clients):
-        g = torch.Generator().manual_seed(seed * 7919 + k)
-        ctx, tgt = episodes(c.n, cfg.eval_contexts, cfg.context, cfg.targets, g)
-        if held:
-            if c.held_w.shape[0] == 0:
-                continue
-            tgt = torch.randint(c.held_w.shape[0], tgt.shape, generator=g)
-        w = torch.cat([c.train_w, c.held_w]) if held else c.train_w
-        l = torch.cat([c.train_l, c.held_l]) if held else c.train_l
-        o = episode_terms(model, w, l, ctx, tgt + (c.n if held else 0), prior, None)
-        tot += c.n * (-(o["loglik"] - model.cfg.beta * o["kl"]) / cfg.targets).mean().item()
-        n += c.n
-    return tot / n
-
-
-@torch.no_grad()
-def heldout_accuracy(model: nn.Module, client: ClientFeatures, q: torch.Tensor | None = None) -> float:
-    """Share of the client's held-out pairs where r(chosen) > r(rejected). VPA: the posterior-mean
-    reward E_q[r(x, y, z)] under the client's q [P] (from its training pairs only)."""
-    if client.held_w.shape[0] == 0:
-        return float("nan")
-    if isinstance(model, VPA):
-        rw, rl = model.reward_all(client.held_w) @ q, model.reward_all(client.held_l) @ q
-    else:
-        rw, rl = model(client.held_w), model(client.held_l)
-    return (rw > rl).float().mean().item()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, clients: list[ClientFeatures], prior: torch.Tensor | None = None, seed: int = 0) -> dict:
-    """Per-client held-out accuracy; for VPA also the latent's structure:
-    client purity  = mean over clients of the share of its S context sets whose MAP prototype is
-                     the client's most frequent one (1: the client always lands on one z);
-    group purity   = cluster purity of the MAP prototypes against the true groups (sum over z of
-                     its majority group's count / all sets; 1: z separates the groups, 1/G: no info);
-    used           = prototypes holding >= 5% of all MAP assignments; H(qbar) = entropy of the
-                     n-weighted aggregate posterior; H(q) = mean entropy of single posteriors.
-    Collapse (the failure the orthogonal loss and the mixture prior target) = used 1, group
-    purity at its floor; `collapsed` = group purity < 0.9 or fewer than 2 prototypes used."""
-    out = {"accuracy": {}}
-    if not isinstance(model, VPA):
-        for c in clients:
-            out["accuracy"][c.name] = heldout_accuracy(model, c)
-        return out
-    P = model.cfg.prototypes
-    groups = sorted({c.group for c in clients})
-    counts = torch.zeros(P, len(groups))  # MAP assignments per prototype and group
-    client_purity, q_ent, qbars, ns, assign = [], [], [], [], {}
-    for k, c in enumerate(clients):
-        qk, qs = client_posterior(model, c, seed * 31 + k)
-        out["accuracy"][c.name] = heldout_accuracy(model, c, qk)
-        m = torch.bincount(qs.argmax(-1), minlength=P).float()  # [P]
-        counts[:, groups.index(c.group)] += m
-        client_purity.append((m.max() / m.sum()).item())
-        q_ent.append(entropy(qs).mean().item())
-        qbars.append(qk * c.n)
-        ns.append(c.n)
-        assign[c.name] = int(m.argmax())
-    qbar = torch.stack(qbars).sum(0) / sum(ns)
-    share = counts.sum(1) / counts.sum()
-    v = F.normalize(model.prototypes.detach(), dim=-1)
-    cos = (v @ v.T).abs()
-    purity, used = (counts.max(1).values.sum() / counts.sum()).item(), int((share >= 0.05).sum())
-    out.update({
-        "client_purity": sum(client_purity) / len(client_purity),
-        "group_purity": purity,
-        "used": used,
-        "collapsed": bool(purity < 0.9 or used < 2) if len(groups) > 1 else None,
-        "H_qbar": entropy(qbar).item(),
-        "H_q": sum(q_ent) / len(q_ent),
-        "max_cos": (cos - torch.eye(P)).max().item(),
-        "assignment": assign,
-        "prior": prior.tolist() if prior is not None else None,
-    })
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +251,150 @@ def client_rm_experiment(fed: data.Federation, data_seed: int, seeds: list[int],
 
 
 # ----------------------------------------------------------------------------------------------
+# GRPO with a VPA client RM: E5 on one client's reward, the VPA RM against a plain BT RM
+# ----------------------------------------------------------------------------------------------
+
+# start policy -> the client RMs GRPO runs with from it ("VPA <group>": the VPA client RM fixed to
+# that group's posterior; "BT": MonolithicBT on the same features and the same mixed pairs)
+GRPO_ARMS = {"reference": ("VPA full", "BT"), "two-style start": ("VPA full", "VPA terse", "BT")}
+
+
+def two_style_start(fed: data.Federation, domain: str, ref_dir: Path, out_dir: Path, steps: int, seed: int = 0,
+                    lr: float = 3e-4, batch: int = 32) -> Path:
+    """The reference after `steps` of SFT (reward.train_sft, the sft stage's loss) on the public
+    split's `domain` questions, half of them (seeded, by image) answered in the full style: a
+    start from which GRPO's samples hold both conventions. From the reference itself they hold
+    none: its SFT answers were all terse and it puts about -41 nats on "the shape is red<|im_end|>"
+    (vpa-results.md), so no reward can favour a full sentence it never sees. Public data only
+    (the server's, as for the reference). Cached in out_dir with its recipe; rebuilt when the
+    reference or the recipe changes."""
+    recipe = {"domain": domain, "steps": steps, "seed": seed, "lr": lr, "batch": batch,
+              "reference": reference_fingerprint(ref_dir)}
+    stamp = out_dir / "two_style.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe:
+        return out_dir
+    pub = [e for e in fed.public if e.domain == domain]
+    images = sorted({e.image for e in pub})
+    random.Random(f"two-style-{domain}-{seed}").shuffle(images)
+    full_imgs = set(images[: len(images) // 2])
+    exs = [data.Example(e.image, e.prompt, full_answer(e.prompt, e.answer) if e.image in full_imgs else e.answer,
+                        e.domain, e.image_id) for e in pub]  # train_sft appends the end token
+    torch.manual_seed(seed)
+    vlm, proc = models.load_vlm(ref_dir)
+    losses = reward.train_sft(vlm, models.Encoder(proc), exs, steps, batch, lr, seed, desc=f"two-style sft {domain}")
+    with atomic_dir(out_dir) as tmp:
+        vlm.save_pretrained(tmp, safe_serialization=True)
+        proc.save_pretrained(tmp)
+        atomic_write_json(tmp / "two_style.json", {"recipe": recipe, "loss": losses, "examples": len(exs),
+                                                   "full_examples": sum(e.image in full_imgs for e in pub)})
+    return out_dir
+
+
+def client_rms(domain: str, pairs: list[data.Pair], groups: list[str], e_style: torch.Tensor, ref_dir: Path,
+               rm_dir: Path, seed: int, cfg: VPAConfig, table: dict, ref_vlm, ref_proc, cache: Path) -> tuple[dict, dict]:
+    """grpo_experiment's client RMs from the client's own pairs, {"VPA full", "VPA terse", "BT"} ->
+    RM scoring through ref_vlm, and their diagnostics on its held-out pairs: accuracy on the
+    answer pairs (right answer + end token vs the rest: both groups agree) and on each group's
+    style pairs; prefers_full = share of the client's questions (e_style [Q, 2 (full, terse), D])
+    with r(full) > r(terse). Deterministic in `seed`."""
+    m = train_client_rm(domain, pairs, groups, ref_dir, rm_dir, seed, cfg, cache)
+    members = group_features(domain, pairs, groups, seed, ref_dir, None, table)  # train_client_rm's split
+    bt, _, _ = train_federated("mono", members, cfg, seed, desc=f"bt client {domain}")
+    rms = {f"VPA {g}": load_client_rm(rm_dir / g, ref_vlm, ref_proc) for g in ("full", "terse")}
+    rms["BT"] = BTFeatureRewardModel(bt, ref_vlm, ref_proc)
+    rms["BT"].calibrate(torch.cat([torch.cat([c.train_w, c.train_l]) for c in members]))  # E3 stats
+    _, he = heldout_split(pairs, domain, seed)  # group_features' held-out rows, in its order
+    is_style = {c.group: torch.tensor([answer_style(pairs[i].chosen)[0] == "full" or answer_style(pairs[i].rejected)[0]
+                                       == "full" for i in he if groups[i] == c.group], dtype=torch.bool) for c in members}
+    diag = {arm: {"seed": seed, **rm_diagnostics(rm, members, is_style, e_style),
+                  "group_purity": m["full"]["group_purity"] if arm != "BT" else None} for arm, rm in rms.items()}
+    return rms, diag
+
+
+def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg: VPAConfig, run_dir: Path, out: Path,
+                    cache: Path, domain: str = "color", gcfg: grpo.GRPOConfig | None = None,
+                    start_steps: int = 120, on_seed=None) -> dict:
+    """GRPO (grpo.train_grpo, E5, unchanged) on one client's reward: the `domain` client holding
+    both groups of the conflict benchmark (conflict_clients' terse and full pairs of the domain,
+    as client_rm_experiment), with
+      "VPA <g>": its VPA client RM (train_client_rm, loaded from its upload directory through the
+                 frozen reference like any client RM) fixed to group g's posterior;
+      "BT":      a plain Bradley-Terry RM of the same kind: MonolithicBT on the same features,
+                 trained on the same mixed pairs (same split, same seed, the client-RM block's
+                 call), wrapped as BTFeatureRewardModel.
+    Each is plugged in as grpo.SingleReward (standardised, E3) inside StyleGuard (the server's
+    format guard with both conventions well-formed), from two starts (GRPO_ARMS): the reference
+    (the brief's experiment; it never samples a full sentence) and two_style_start. Per training
+    seed s (the RMs' and GRPO's): test accuracy on the domain in either style (StyleJudge),
+    the share of greedy test answers in each style, the sampled style shares of the last 10
+    steps, KL, seconds. Before that, per start: log pi of each style and sampled style shares
+    (can GRPO reach the full style?), and its greedy accuracy. `gcfg`: default 40 steps, answers
+    of up to 6 tokens (its format_guard is turned off: StyleGuard guards). `on_seed(res)` after
+    each seed."""
+    gcfg = dataclasses.replace(gcfg or grpo.GRPOConfig(steps=40, max_new_tokens=6), format_guard=False)
+    ref_dir, t_all = run_dir / "base", time.time()
+    ref_vlm, ref_proc = models.load_vlm(ref_dir)  # the RMs' frozen feature extractor (E2), never trained here
+    need = max(len(ref_proc.tokenizer.tokenize(full_answer("", a) + data.EOS)) for a in data.DOMAIN_ANSWERS[domain])
+    if need > gcfg.max_new_tokens:  # the full style must fit in a sampled answer at all
+        raise ValueError(f"max_new_tokens {gcfg.max_new_tokens}: a full-style {domain} answer takes {need} tokens")
+    conf = conflict_clients(fed, data_seed)
+    pairs = conf[f"{domain}/terse"][1] + conf[f"{domain}/full"][1]
+    groups = ["terse"] * len(conf[f"{domain}/terse"][1]) + ["full"] * len(conf[f"{domain}/full"][1])
+    # every client question's two answers, for each RM's style preference r(full) > r(terse)
+    qs = fed.clients[domain]
+    styles = [(e.image, e.prompt, y + data.EOS) for e in qs for y in (full_answer(e.prompt, e.answer), e.answer)]
+    table = feature_table(styles + [(p.image, p.prompt, y) for p in pairs for y in (p.chosen, p.rejected)], ref_dir, cache)
+    e_style = torch.stack([table[t] for t in styles]).view(len(qs), 2, -1)  # [Q, 2 (full, terse), D]
+    pool = [e for e in fed.pool if e.domain == domain]
+    gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold) if e.domain == domain}  # logs only
+    probe = [data.Example(e.image, e.prompt, gold[(e.image, e.prompt)], domain) for e in pool[:64]]
+    test = {domain: fed.test[domain]}
+    starts = {"reference": ref_dir,
+              "two-style start": two_style_start(fed, domain, ref_dir, out / "vpa-grpo" / f"two-style-{domain}", start_steps)}
+    res = {"domain": domain, "grpo_config": asdict(gcfg), "start_steps": start_steps, "full_tokens": need,
+           "seeds": seeds, "pairs": {g: groups.count(g) for g in ("terse", "full")}, "starts": {}, "rms": {}, "runs": {}}
+    for name, d in starts.items():  # 1. can GRPO reach each style from this start?
+        vlm, proc = models.load_vlm(d)
+        enc, judge = models.Encoder(proc), StyleJudge()
+        torch.manual_seed(0)
+        res["starts"][name] = {"logp": style_logprobs(vlm, enc, probe[:32]),
+                               "sampled": sampled_styles(vlm, enc, probe, gcfg.max_new_tokens)}
+        ev = evaluate_policy(vlm, enc, test, judge=judge, max_new_tokens=gcfg.max_new_tokens, desc=f"eval {name}")
+        res["starts"][name].update(accuracy=ev["accuracy"][domain], greedy=judge.shares())
+    bar = Progress(total=len(seeds) * sum(map(len, GRPO_ARMS.values())), desc=f"grpo with client RMs ({domain})")
+    for s in seeds:
+        rms, diag = client_rms(domain, pairs, groups, e_style, ref_dir, out / "vpa-clients" / domain / f"seed{s}", s,
+                               cfg, table, ref_vlm, ref_proc, cache)  # 2. the client's RMs, from its own pairs
+        for arm, x in diag.items():
+            res["rms"].setdefault(arm, []).append(x)
+        # 3. GRPO from each start with each RM; same seed: same prompt order and sampling noise
+        for start, arms in GRPO_ARMS.items():
+            for arm in arms:
+                t0 = time.time()
+                policy, proc = models.load_vlm(starts[start])
+                kl_ref, _ = models.load_vlm(starts[start])  # pi_ref of E5: the start itself
+                fn = StyleGuard(grpo.SingleReward(rms[arm]), gcfg.group, gold)
+                log = grpo.train_grpo(policy, kl_ref, models.Encoder(proc), pool, fn, gcfg, s,
+                                      desc=f"grpo {start} / {arm} s{s}")
+                t_grpo, judge = time.time() - t0, StyleJudge()
+                ev = evaluate_policy(policy, models.Encoder(proc), test, judge=judge,
+                                     max_new_tokens=gcfg.max_new_tokens, desc=f"eval {start} / {arm} s{s}")
+                last = fn.log[-10:]
+                res["runs"].setdefault(start, {}).setdefault(arm, []).append({
+                    "seed": s, "accuracy": ev["accuracy"][domain], "greedy": judge.shares(),
+                    "sampled_last10": {k: sum(x[k] for x in last) / len(last) for k in (last[0] if last else ())},
+                    "kl_last10": sum(log["kl"][-10:]) / max(len(log["kl"][-10:]), 1), "skipped": len(log["skipped"]),
+                    "rm_rows": fn.calls[0], "grpo_seconds": round(t_grpo, 1), "seconds": round(time.time() - t0, 1)})
+                bar.update(1)
+                bar.set_postfix(acc=f"{ev['accuracy'][domain]:.3f}", full=f"{judge.shares()['full']:.2f}")
+        res["seconds"] = round(time.time() - t_all, 1)
+        if on_seed is not None:
+            on_seed(res)
+    bar.close()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # Experiment and CLI
 # ----------------------------------------------------------------------------------------------
 
@@ -374,12 +409,6 @@ ABLATIONS = {  # name -> VPAConfig overrides
     "uniform prior, no orth": {"mixture_prior": False, "orth": 0.0},
 }
 MONO = "monolithic BT (FedAvg)"
-
-
-def _ms(xs: list[float]) -> dict:
-    m = sum(xs) / len(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return {"mean": m, "std": sd, "values": xs}
 
 
 def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[int], desc: str = "") -> dict:
@@ -415,22 +444,9 @@ def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[in
     return res
 
 
-def _pct(d: dict) -> str:
-    return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
-
-
-def rounds_markdown(ev: dict, title: str) -> list[str]:
-    """The per-round figures of one run: prior, hard-sample usage, H(q), KL (the collapse trace)."""
-    lines = [f"\n{title}\n", "| round | prior pi | usage of hard samples | H(q) | KL(q‖pi) | train acc |", "|---|---|---|---|---|---|"]
-    for e in ev["rounds"]:
-        lines.append(f"| {e['round']} | {' '.join(f'{x:.2f}' for x in e['prior'])} | "
-                     f"{' '.join(f'{x:.2f}' for x in e['usage'])} | {e['H_q']:.3f} | {e['kl']:.3f} | {e['acc']:.3f} |")
-    return lines
-
-
 def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: str, seconds: float,
-                     client_rm: dict | None = None) -> str:
-    """Markdown of every (federation, beta) block of `all_res` and of the client-RM block."""
+                     client_rm: dict | None = None, grpo_res: dict | None = None) -> str:
+    """Markdown of every (federation, beta) block of `all_res`, the client-RM block and the GRPO block."""
     lines = ["# FedVPA-GP (vpa.py)\n",
              f"Regenerate: `{command}` ({seconds:.0f} s for the blocks it ran; other blocks merged from earlier runs).\n",
              f"P={cfg.prototypes}, context C={cfg.context}, targets T={cfg.targets}, {cfg.rounds} rounds x "
@@ -477,9 +493,12 @@ def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: s
                   "| client / group | VPA client RM | plain BT RM (same pairs) |", "|---|---|---|"]
         for k, v in client_rm.items():
             lines.append(f"| {k} | {_pct(v['vpa'])} | {_pct(v['bt'])} |")
-        mv = _ms([sum(v["vpa"]["values"][i] for v in client_rm.values()) / len(client_rm) for i in range(len(seeds))])
-        mb = _ms([sum(v["bt"]["values"][i] for v in client_rm.values()) / len(client_rm) for i in range(len(seeds))])
+        n = len(next(iter(client_rm.values()))["vpa"]["values"])  # the block's own seeds
+        mv = _ms([sum(v["vpa"]["values"][i] for v in client_rm.values()) / len(client_rm) for i in range(n)])
+        mb = _ms([sum(v["bt"]["values"][i] for v in client_rm.values()) / len(client_rm) for i in range(n)])
         lines.append(f"| mean | {_pct(mv)} | {_pct(mb)} |")
+    if grpo_res and grpo_res.get("runs"):
+        lines += grpo_markdown(grpo_res)
     return "\n".join(lines) + "\n"
 
 
@@ -489,9 +508,15 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="where vpa-results.md/.json go (default: the run dir)")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="training seeds (comma separated)")
     ap.add_argument("--data-seed", type=int, default=None, help="federation/pairs seed (default: the run dir's)")
-    ap.add_argument("--federations", default="conflict", help="conflict (6 clients, terse vs full) and/or plain (3)")
+    ap.add_argument("--federations", default=None,
+                    help="conflict (6 clients, terse vs full) and/or plain (3); default conflict, none with --grpo")
     ap.add_argument("--betas", default="0.1", help="KL weights to run every variant at (1 = the plain ELBO)")
     ap.add_argument("--client-rm", action="store_true", help="also the client-RM block (VPA client RM vs plain BT)")
+    ap.add_argument("--grpo", action="store_true", help="the GRPO block: a client's VPA RM vs plain BT RM in GRPO")
+    ap.add_argument("--grpo-domain", default="color", choices=data.DOMAINS, help="the GRPO block's client")
+    ap.add_argument("--grpo-steps", type=int, default=40, help="GRPO steps per run of the GRPO block")
+    ap.add_argument("--max-new-tokens", type=int, default=6, help="GRPO block: answer length (a full sentence is longer)")
+    ap.add_argument("--two-style-steps", type=int, default=120, help="GRPO block: SFT steps of the two-style start")
     ap.add_argument("--fresh", action="store_true", help="drop earlier blocks of vpa-results.json instead of merging")
     ap.add_argument("--threads", type=int, default=1)
     for k, v in asdict(VPAConfig()).items():
@@ -520,7 +545,8 @@ def main(argv=None) -> int:
     if data_seed is None:
         conf = run_dir / "config.json"
         data_seed = json.loads(conf.read_text()).get("seed", 0) if conf.exists() else 0
-    feds = [f.strip() for f in a.federations.split(",") if f.strip()]
+    feds = [f.strip() for f in (a.federations if a.federations is not None else "" if a.grpo else "conflict").split(",")
+            if f.strip()]
     for name in feds:
         if name not in FEDERATIONS:
             raise SystemExit(f"--federations: unknown {name!r} (choose from {sorted(FEDERATIONS)})")
@@ -528,7 +554,7 @@ def main(argv=None) -> int:
     cache = run_dir / "vpa-cache" / f"features-seed{data_seed}.safetensors"  # one per reference, whatever --out
     old = out / "vpa-results.json"
     prev = {} if a.fresh or not old.exists() else json.loads(old.read_text())
-    merged, client_rm = prev.get("results", {}), prev.get("client_rm")
+    merged, client_rm, grpo_res = prev.get("results", {}), prev.get("client_rm"), prev.get("grpo")
     t0 = time.time()
     for name in feds:
         build, label = FEDERATIONS[name]
@@ -538,20 +564,30 @@ def main(argv=None) -> int:
             c = VPAConfig(**{**asdict(cfg), "beta": beta})
             merged[f"{label}, beta {beta:g}"] = run_experiment(clients, c, seeds, desc=f"{name} b{beta:g}")
     command = "python vpa.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the header's command / seeds / seconds are the table's: a --grpo-only run keeps the earlier ones
+    # (the GRPO block carries its own)
+    table_run = bool(feds) or a.client_rm or not prev
 
     def write() -> str:  # after each block: a long invocation that dies keeps what it finished
-        seconds = time.time() - t0
-        md = results_markdown(merged, cfg, seeds, command, seconds, client_rm)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic(out / "vpa-results.md", lambda p: p.write_text(md))
-        _atomic(out / "vpa-results.json", lambda p: p.write_text(json.dumps(
-            {"config": asdict(cfg), "seeds": seeds, "data_seed": data_seed, "command": command,
-             "seconds": round(seconds, 1), "results": merged, "client_rm": client_rm}, indent=1)))
+        head = ({"seeds": seeds, "command": command, "seconds": round(time.time() - t0, 1)} if table_run else
+                {k: prev.get(k) for k in ("seeds", "command", "seconds")})
+        md = results_markdown(merged, cfg, head["seeds"], head["command"], head["seconds"], client_rm, grpo_res)
+        atomic_write_text(out / "vpa-results.md", md)
+        atomic_write_text(out / "vpa-results.json", json.dumps(
+            {"config": asdict(cfg), "data_seed": data_seed, **head, "results": merged, "client_rm": client_rm,
+             "grpo": grpo_res}, indent=1))
         return md
     md = write()
     if a.client_rm:
         client_rm = client_rm_experiment(fed, data_seed, seeds, cfg, run_dir, out, cache)
         md = write()
+    if a.grpo:
+        def on_seed(res: dict) -> None:
+            nonlocal grpo_res, md
+            grpo_res = dict(res, command=command, threads=a.threads)
+            md = write()
+            grpo_experiment(fed, data_seed, seeds, cfg, run_dir, out, cache, a.grpo_domain,
+                        grpo.GRPOConfig(steps=a.grpo_steps, max_new_tokens=a.max_new_tokens), a.two_style_steps, on_seed)
     print(md)
     print(f"wrote {out / 'vpa-results.md'} and vpa-results.json ({time.time() - t0:.0f} s this invocation)")
     return 0

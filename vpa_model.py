@@ -39,7 +39,9 @@ sharpens the posteriors (H(q) 0.19 vs 0.47 uniform). The floor eps / P keeps V5 
 What V8 does not remove: a likelihood-driven collapse the uniform prior has too (docs/vpa.md).
 
 `VPARewardModel` (bottom) fixes the posterior of one client (or one labeller group) and has
-reward.RewardModel's scoring interface, so it can stand in for a client RM in MoR.
+reward.RewardModel's scoring interface (`FeatureRewardModel`), so it can stand in for a client RM
+in MoR; `BTFeatureRewardModel` gives MonolithicBT the same interface, the plain-BT baseline of
+GRPO with a VPA client RM (vpa.py --grpo).
 """
 
 from __future__ import annotations
@@ -430,19 +432,81 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
 
 
 # ----------------------------------------------------------------------------------------------
-# MoR interface: a VPA reward model fixed to one client (or one labeller group)
+# MoR interface: a reward head on the reference's features, scored like reward.RewardModel
 # ----------------------------------------------------------------------------------------------
 
 
-class VPARewardModel(nn.Module):
+class FeatureRewardModel(nn.Module):
+    """What MoR calls on a client RM (reward.RewardModel's scoring interface), for any reward
+    head on the frozen reference's E2 features: grpo.score_unique / SingleReward / MixedReward,
+    reward.pair_scores / pair_accuracy / reward_stats use only these.
+      score(images, prompts, responses) -> raw rewards [B]  (one reference forward, router.features)
+      standardized(r) -> (r - mean) / std                     (E3)
+      pair_rewards(pairs) -> (r_chosen [B], r_rejected [B]); mean, std, info
+    Subclasses define rewards(e [B, D]) -> [B]."""
+
+    def __init__(self, ref_vlm=None, processor=None, mean: float = 0.0, std: float = 1.0, info: dict | None = None):
+        super().__init__()
+        self.ref_vlm, self.processor = ref_vlm, processor
+        self.encoder = models.Encoder(processor) if processor is not None else None
+        self.mean, self.std = float(mean), float(std)
+        self.info = dict(info or {})
+
+    def rewards(self, e: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images, prompts, responses) -> torch.Tensor:
+        """Raw rewards [B] for (image, prompt, response) triples, RewardModel.score's contract."""
+        if self.ref_vlm is None:
+            raise RuntimeError(f"{type(self).__name__}.score needs the reference VLM and processor (pass ref_vlm, processor)")
+        return self.rewards(routing.features(self.ref_vlm, self.encoder, images, prompts, responses))
+
+    def standardized(self, rewards: torch.Tensor) -> torch.Tensor:
+        return (rewards - self.mean) / self.std
+
+    def pair_rewards(self, pairs: list, lm_loss: bool = False):
+        """(r_chosen [B], r_rejected [B]) like RewardModel.pair_rewards (for reward.pair_scores)."""
+        if lm_loss:
+            raise ValueError(f"{type(self).__name__} has no language-model head (lm_loss=True is not supported)")
+        B = len(pairs)
+        r = self.score([p.image for p in pairs] * 2, [p.prompt for p in pairs] * 2,
+                       [p.chosen for p in pairs] + [p.rejected for p in pairs])
+        return r[:B], r[B:]
+
+    def calibrate(self, e: torch.Tensor) -> None:
+        """E3's mean/std from the features [N, D] of the client's own training responses (chosen
+        and rejected alike, as reward.reward_stats)."""
+        r = self.rewards(e)
+        self.mean, self.std = r.mean().item(), max(r.std().item(), 1e-6)
+
+
+class BTFeatureRewardModel(FeatureRewardModel):
+    """A trained MonolithicBT as a client RM: the plain Bradley-Terry baseline of the same kind
+    as VPARewardModel (same features, same trunk, one readout), for GRPO beside it (vpa.py
+    --grpo). In memory only: the experiment trains it where it uses it."""
+
+    def __init__(self, bt: MonolithicBT, ref_vlm=None, processor=None, **kw):
+        super().__init__(ref_vlm, processor, **kw)
+        self.bt = bt.eval()
+
+    @property
+    def device(self):
+        return self.bt.feat_mean.device
+
+    @torch.no_grad()
+    def rewards(self, e: torch.Tensor) -> torch.Tensor:
+        """e [B, D] reference features -> raw rewards [B] (E1's head on frozen features)."""
+        return self.bt(e.to(self.device).float())
+
+
+class VPARewardModel(FeatureRewardModel):
     """A trained VPA fixed to one posterior q [P] (from a client's, or a labeller group's, own
-    context pairs); reward r(x, y) = E_q[r(x, y, z)] = sum_p q_p r(x, y, p) (V3). It has
-    reward.RewardModel's scoring interface, which is all MoR calls on a client RM
-    (grpo.score_unique / MixedReward, reward.pair_scores / pair_accuracy / reward_stats):
-      score(images, prompts, responses) -> raw rewards [B]; standardized(r) -> (r - mean) / std;
-      pair_rewards(pairs) -> (r_chosen [B], r_rejected [B]); mean, std, info; save(dir) / load(dir).
-    The features are the frozen reference policy's (router.features, E2), so scoring costs one
-    reference forward; `rewards(e)` skips it when the features are at hand.
+    context pairs); reward r(x, y) = E_q[r(x, y, z)] = sum_p q_p r(x, y, p) (V3), with
+    FeatureRewardModel's (= reward.RewardModel's) scoring interface, so it stands in for a
+    client RM in MoR; save(dir) / load(dir) make it an upload. The features are the frozen
+    reference policy's (router.features, E2), so scoring costs one reference forward;
+    `rewards(e)` skips it when the features are at hand.
 
     On disk: <dir>/vpa.safetensors (parameters + "posterior" [P]) and <dir>/vpa.json (config, D,
     mean, std, info). Loading refuses anything else (no pickle)."""
@@ -451,16 +515,12 @@ class VPARewardModel(nn.Module):
 
     def __init__(self, vpa: VPA, q: torch.Tensor, ref_vlm=None, processor=None, mean: float = 0.0, std: float = 1.0,
                  info: dict | None = None):
-        super().__init__()
+        super().__init__(ref_vlm, processor, mean, std, info)
         if q.shape != (vpa.cfg.prototypes,) or not torch.isfinite(q).all() or (q < 0).any() or q.sum() <= 0:
             raise ValueError(f"VPARewardModel: posterior must be a finite non-negative [{vpa.cfg.prototypes}], "
                              f"got {tuple(q.shape)}")
         self.vpa = vpa
         self.register_buffer("q", q.detach().float() / q.sum())
-        self.ref_vlm, self.processor = ref_vlm, processor
-        self.encoder = models.Encoder(processor) if processor is not None else None
-        self.mean, self.std = float(mean), float(std)
-        self.info = dict(info or {})
 
     @property
     def device(self):
@@ -479,33 +539,8 @@ class VPARewardModel(nn.Module):
 
     @torch.no_grad()
     def rewards(self, e: torch.Tensor) -> torch.Tensor:
-        """e [B, D] reference features -> raw rewards [B]."""
+        """e [B, D] reference features -> raw rewards [B] = r(e, .) [B, P] @ q [P]."""
         return self.vpa.reward_all(e.to(self.q.device).float()) @ self.q
-
-    @torch.no_grad()
-    def score(self, images, prompts, responses) -> torch.Tensor:
-        """Raw rewards [B] for (image, prompt, response) triples, RewardModel.score's contract."""
-        if self.ref_vlm is None:
-            raise RuntimeError("VPARewardModel.score needs the reference VLM and processor (pass ref_vlm, processor)")
-        return self.rewards(routing.features(self.ref_vlm, self.encoder, images, prompts, responses))
-
-    def standardized(self, rewards: torch.Tensor) -> torch.Tensor:
-        return (rewards - self.mean) / self.std
-
-    def pair_rewards(self, pairs: list, lm_loss: bool = False):
-        """(r_chosen [B], r_rejected [B]) like RewardModel.pair_rewards (for reward.pair_scores)."""
-        if lm_loss:
-            raise ValueError("VPARewardModel has no language-model head (lm_loss=True is not supported)")
-        B = len(pairs)
-        r = self.score([p.image for p in pairs] * 2, [p.prompt for p in pairs] * 2,
-                       [p.chosen for p in pairs] + [p.rejected for p in pairs])
-        return r[:B], r[B:]
-
-    def calibrate(self, e: torch.Tensor) -> None:
-        """E3's mean/std from the features [N, D] of the client's own training responses (chosen
-        and rejected alike, as reward.reward_stats)."""
-        r = self.rewards(e)
-        self.mean, self.std = r.mean().item(), max(r.std().item(), 1e-6)
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)

@@ -291,3 +291,32 @@ def test_a_client_joins_and_leaves_without_training_from_scratch():
     acc_drop = sum(c.mixed_accuracy(drop_rm(full, 1)) for c in left) / 3
     print(f"leave: dropped router {acc_drop:.3f} without a round, scratch {scratch3[-1]['acc']:.3f}")
     assert acc_drop > scratch3[-1]["acc"] - 0.01
+
+
+def test_warm_start_keeps_reorders_drops_and_joins_rows():
+    """federated.warm_start: rows of clients that stayed are copied (in the new order), a client
+    that left loses its row, a joiner gets the kept rows' mean with bias - log(#kept): the
+    stayers' weight ratios are exactly the trained router's."""
+    from federated import warm_start
+    torch.manual_seed(0)
+    m = router.Router(D, 3, hidden=8)
+    with torch.no_grad():
+        m.net[2].bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
+    e = torch.randn(40, D)
+    w = m.weights(e)  # over a, b, c
+    new, rows = warm_start(m, ["a", "b", "c"], ["c", "a", "d"])  # b left, d joined, order changed
+    assert rows == [2] and new.num_rms == 3
+    wn = new.weights(e)
+    ratio_new = wn[:, 0] / wn[:, 1]  # c / a
+    assert torch.allclose(ratio_new, w[:, 2] / w[:, 0], atol=1e-5)
+    assert torch.allclose(new.net[2].bias[2], (m.net[2].bias[0] + m.net[2].bias[2]) / 2 - math.log(2))
+    assert torch.equal(new.feat_mean, m.feat_mean)
+    same, rows = warm_start(m, ["a", "b", "c"], ["a", "b", "c"])
+    assert rows == [] and torch.allclose(same.weights(e), w)
+    with pytest.raises(ValueError, match="none of"):
+        warm_start(m, ["a", "b", "c"], ["x", "y"])
+    # the joiner fits its own row (not the last one here): every other row is untouched
+    c = _domain_client("d", [0], K=3, n=64)
+    st, _, _ = c.fit_new_rm(new.state_dict(), lambda: router.Router(D, 3, hidden=8), 2, 1e-2, 32, 0, row=1)
+    W0, W1 = new.state_dict()["net.2.weight"], st["net.2.weight"]
+    assert torch.equal(W0[[0, 2]], W1[[0, 2]]) and not torch.equal(W0[1], W1[1])

@@ -1,6 +1,7 @@
 """Pipeline pieces: SFT lowers the loss, the eval counts right, stages resume, writes are atomic."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,7 +216,7 @@ def test_base_flag_takes_a_checkpoint_directory(tiny_dirs, tmp_path):
 @pytest.mark.slow
 def test_homogeneous_setting_adds_fedavg_rm(tmp_path):
     run = tmp_path / "run"
-    assert mor.main(["--quick", "--run-dir", str(run), "--setting", "homogeneous", "--stages", "reward",
+    assert mor.main(["--quick", "--run-dir", str(run), "--setting", "homogeneous", "--stages", "base,reward",
                      "--rm-sft-steps", "1", "--rm-steps", "2"]) == 0
     m = json.loads((run / "rm_matrix-homogeneous.json").read_text())
     assert set(m["rm_pair_accuracy"]) == set(data.DOMAINS) | {"fedavg_rm"}
@@ -294,15 +295,35 @@ def test_flip_pairs_reverses_the_asked_share(fed):
 
 
 @pytest.mark.slow
-def test_bucket_setting_adds_the_noisy_client(tmp_path):
+def test_noisy_setting_adds_the_noisy_client(tmp_path):
     run = tmp_path / "run"
-    assert mor.main(["--quick", "--run-dir", str(run), "--setting", "bucket", "--stages", "reward",
+    assert mor.main(["--quick", "--run-dir", str(run), "--setting", "noisy", "--stages", "base,reward",
                      "--rm-sft-steps", "1", "--rm-steps", "2"]) == 0
-    m = json.loads((run / "rm_matrix-bucket.json").read_text())
-    assert set(m["n_pairs"]) == {*data.DOMAINS, pipeline.WEAK_CLIENT}
-    # the weak client holds the most pairs: Weighted RM trusts it most
-    assert m["n_pairs"][pipeline.WEAK_CLIENT] > max(m["n_pairs"][d] for d in data.DOMAINS)
-    assert (run / "clients" / pipeline.WEAK_CLIENT / "reward-llava_onevision" / "reward.json").exists()
+    m = json.loads((run / "rm_matrix-noisy.json").read_text())
+    assert set(m["n_pairs"]) == {*data.DOMAINS, "noisy"}
+    # the noisy client holds the most pairs: Weighted RM trusts it most
+    assert m["n_pairs"]["noisy"] > max(m["n_pairs"][d] for d in data.DOMAINS)
+    assert (run / "clients" / "noisy" / "reward-llava_onevision" / "reward.json").exists()
+
+
+def test_bucket_weak_client_is_honest_few_and_under_trained(tmp_path):
+    """The paper's weak client: clean labels (true answers, unlike the server's careless public
+    copy), few questions over all three domains, a fraction of the RM recipe."""
+    a = mor.parse_args(["--run-dir", str(tmp_path / "run"), "--setting", "bucket"])
+    run = pipeline.Run(a)
+    assert pipeline.weak_client("bucket") == "weak" and pipeline.weak_client("heterogeneous") is None
+    exs = run.fed.clients["weak"]
+    assert len(exs) == pipeline.WEAK_QUESTIONS and {e.domain for e in exs} == set(data.DOMAINS)
+    truth = {(e.image, e.prompt): e.answer for e in data.build_federation(0, confusions={}).public}
+    assert all(truth[e.image, e.prompt] == e.answer for e in exs)  # clean labels
+    careless = {(e.image, e.prompt): e.answer for e in run.fed.public}
+    assert any(careless[e.image, e.prompt] != e.answer for e in exs)  # the server's copy differs somewhere
+    pairs = run.clients()["weak"]
+    assert pairs.n < min(run.clients()[d].n for d in data.DOMAINS) / 3
+    cfg, full = run.rm_config("weak"), run.rm_config("color")
+    assert (cfg.sft_steps, cfg.steps) == pipeline.WEAK_RM_STEPS and (full.sft_steps, full.steps) == (300, 300)
+    # the recipe is part of the weak RM's provenance: changing it redoes the RM
+    assert run.rm_inputs("weak")["steps"] == pipeline.WEAK_RM_STEPS[1]
 
 
 def test_bucket_table_compares_with_and_without_the_weak_client():
@@ -318,3 +339,72 @@ def test_bucket_table_compares_with_and_without_the_weak_client():
     md = report.results_markdown(r)
     # overall without = (90 + 60 + 2 * 80) / 4 = 77.5; with = 50.0
     assert "| avg_rm | 90.0 / 50.0 | 60.0 / 50.0 | 80.0 / 50.0 | 77.5 | 50.0 | -27.5 |" in md
+
+
+def test_clients_of_the_base_family_start_from_the_pretrained_base(tmp_path, tiny_dirs):
+    """Run.client_init: the position client (Qwen2-VL, the base's family) starts from base_init,
+    the others from their family's tiny checkpoint; --client-model and --base override it, and
+    the base's provenance is part of such an RM's inputs (a new base redoes the RM)."""
+    a = mor.parse_args(["--run-dir", str(tmp_path / "run")])
+    run = pipeline.Run(a)
+    assert run.from_base("position") and not run.from_base("color") and not run.from_base("shape")
+    assert run.client_init("position") == run.dir / "base_init"
+    assert "base" in run.rm_inputs("position")["init"] and "tiny" in run.rm_inputs("color")["init"]
+    a2 = mor.parse_args(["--run-dir", str(tmp_path / "run"), "--pretrain-steps", "7"])
+    assert pipeline.Run(a2).rm_inputs("position") != run.rm_inputs("position")
+    assert pipeline.Run(a2).rm_inputs("color") == run.rm_inputs("color")
+    given = Path(tiny_dirs["qwen2_vl"])
+    a3 = mor.parse_args(["--run-dir", str(tmp_path / "run"), "--client-model", f"position={given}"])
+    assert pipeline.Run(a3).client_init("position") == given and not pipeline.Run(a3).from_base("position")
+
+
+def test_reward_stage_refuses_a_missing_base_for_base_family_clients(tmp_path):
+    with pytest.raises(SystemExit, match="start from the pre-trained base"):
+        mor.main(["--quick", "--run-dir", str(tmp_path / "run"), "--stages", "reward"])
+
+
+@pytest.mark.slow
+def test_a_client_joins_a_trained_router_without_retraining(tiny_run, tmp_path):
+    """--router-from: the bucket setting's fourth client joins the heterogeneous router; the
+    three kept rows come over unchanged before the rounds, the joiner fits its own row."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    src = run / "router-heterogeneous.safetensors"
+    assert mor.main(TINY_RUN + ["--run-dir", str(run), "--setting", "bucket", "--stages", "reward,router",
+                                "--router-from", str(src), "--rounds", "1"]) == 0
+    summary = json.loads((run / "router-bucket.json").read_text())
+    assert summary["warm_start"] == {"from": str(src), "joined": ["weak"]} and summary["rms"][-1] == "weak"
+    assert len(summary["rounds"]) == 1
+    with pytest.raises(SystemExit):  # a router without its names beside it is refused up front
+        lone = tmp_path / "lone.safetensors"
+        shutil.copy(src, lone)
+        mor.parse_args(["--run-dir", str(run), "--router-from", str(lone)])
+
+
+def test_weak_client_effect_is_paired_on_the_common_seeds():
+    """report.weak_client_effect: with = bucket run (seeds 0-2), without = main table (seeds
+    0-4); only seeds 0-2 count, and MoR's change is compared with Avg RM's seed by seed."""
+    def m(overall, seeds):
+        return {"per_seed": {"seeds": seeds, "overall": overall,
+                             "accuracy": {d: overall for d in data.DOMAINS}}}
+    res = {"domains": data.DOMAINS,
+           "methods": {"mor": m([0.80, 0.82, 0.84], [0, 1, 2]), "avg_rm": m([0.70, 0.70, 0.70], [0, 1, 2])}}
+    without = {"mor": m([0.81, 0.83, 0.85, 0.10, 0.10], [0, 1, 2, 3, 4]),
+               "avg_rm": m([0.75, 0.74, 0.76, 0.99, 0.99], [0, 1, 2, 3, 4])}
+    acc0, eff = report.weak_client_effect(res, without)
+    assert acc0["mor"]["color"]["mean"] == pytest.approx(0.83)  # seeds 3, 4 left out
+    assert eff["mor"]["mean"] == pytest.approx(-0.01) and eff["mor"]["seeds"] == [0, 1, 2]
+    assert eff["avg_rm"]["mean"] == pytest.approx(-0.05)
+    # change(mor) - change(avg): (-0.01) - (-0.05, -0.04, -0.06) = 0.04, 0.03, 0.05
+    assert eff["mor-avg_rm"]["mean"] == pytest.approx(0.04) and eff["mor-avg_rm"]["wins"] == 3
+    md = report.results_markdown({"domains": data.DOMAINS, "eval_questions_per_domain": {d: 1 for d in data.DOMAINS},
+                                  "seeds": [0, 1, 2], "chance": {d: 0 for d in data.DOMAINS},
+                                  "blind": {d: 0 for d in data.DOMAINS}, "reference": {d: 0 for d in data.DOMAINS},
+                                  "wall_seconds": {}, "setting": "bucket", "without_weak_client": acc0,
+                                  "weak_client_effect": eff,
+                                  "methods": {k: {"accuracy": {d: {"mean": sum(v["per_seed"]["overall"]) / 3, "std": 0}
+                                                               for d in data.DOMAINS},
+                                                  "win_rate": {d: {"mean": 0.5, "std": 0} for d in data.DOMAINS},
+                                                  "malformed_share": {"mean": 0}, "final_kl": {"mean": 0.1}}
+                                              for k, v in res["methods"].items()}})
+    assert "| mor - avg_rm | +4.0 [" in md and "`weak`" in md

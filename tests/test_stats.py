@@ -58,3 +58,19 @@ def test_paired_comparisons_and_claims_are_generated_from_the_seeds():
     assert cl == {"mor - avg_rm": "holds", "mor - rm_color": "holds", "mor_nts - mor": "not settled"}
     md = "\n".join(report.paired_markdown(r))
     assert "| MoR beats the plain average of the client RMs (Avg RM) | mor - avg_rm |" in md and "holds" in md
+
+
+def test_crn_widths_shrink_when_the_noise_is_shared():
+    """A seed's noise shared by both methods cancels in the paired difference: with
+    a(s) = noise(s) + 0.05 and b(s) = noise(s), the paired interval has width 0 while the
+    mismatched pairings see the noise; with nothing shared the ratio is near 1 on average."""
+    noise = [0.10, -0.20, 0.05, 0.30, -0.15]
+    a = [x + 0.05 for x in noise]
+    w = stats.crn_widths(a, noise)
+    assert w["paired"] < 1e-12 and w["mismatched"] > 0.3 and w["ratio"] < 1e-9
+    # by hand, shift k = 1: pairs (a0, b1), ...: differences a(s) - b(s + 1)
+    d = [a[i] - noise[(i + 1) % 5] for i in range(5)]
+    m = sum(d) / 5
+    se = (sum((x - m) ** 2 for x in d) / 4 / 5) ** 0.5
+    assert abs(stats.paired(a, noise[1:] + noise[:1])["ci95_high"] - (m + stats.t_quantile(0.975, 4) * se)) < 1e-12
+    assert stats.crn_widths(a[:2], noise[:2]) is None

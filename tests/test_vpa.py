@@ -399,3 +399,118 @@ def test_conflict_clients_split_domains_and_flip_only_the_style_pair():
             assert full.startswith("the shape is") and full.endswith(data.EOS)
         assert all(p.chosen.endswith(data.EOS) for p in pairs)
     assert vpa.conflict_clients(fed, seed=0) == out  # deterministic
+
+
+# -- GRPO with a VPA client RM (vpa.py --grpo, vpa_eval's answer styles) -------------------------
+
+import grpo  # noqa: E402
+import router  # noqa: E402
+import vpa_eval  # noqa: E402
+
+
+def test_answer_styles_judge_and_guard():
+    E = data.EOS
+    assert vpa_eval.answer_style("red" + E) == ("terse", "red")
+    assert vpa_eval.answer_style("the shape is red" + E) == ("full", "red")
+    assert vpa_eval.answer_style("the shape is on the left" + E) == ("full", "left")
+    assert vpa_eval.answer_style("the shape is at the top" + E) == ("full", "top")
+    for bad in ("the shape is red", "the shape is red red" + E, "the shape is on the red" + E, "the red" + E,
+                "the shape is" + E, E, "red red" + E):
+        assert vpa_eval.answer_style(bad) == ("other", None), bad
+    judge = vpa_eval.StyleJudge()
+    assert [judge(r, "red") for r in ("red" + E, "the shape is red" + E, "blue" + E, "the shape red" + E)] == \
+        [True, True, False, False]
+    assert judge.shares() == {"terse": 0.5, "full": 0.25, "other": 0.25}
+    # the guard ranks only the malformed sample last; a full sentence keeps the RM's reward
+    inner = lambda im, pr, resp, e: torch.tensor([3.0, 1.0, 2.0, 5.0])  # noqa: E731
+    guard = vpa_eval.StyleGuard(inner, group=4, gold={("i", "p"): "red"})
+    r = guard(["i"] * 4, ["p"] * 4, ["the shape is red" + E, "red" + E, "blue" + E, "red red" + E], None)
+    assert r.tolist() == [3.0, 1.0, 2.0, 0.0]
+    assert guard.log == [{"terse": 0.5, "full": 0.25, "other": 0.25, "accuracy": 0.5}]
+
+
+def test_vpa_client_rm_in_grpo_reward_callables(trained, monkeypatch):
+    """A VPA client RM in grpo's reward callables, scoring text through (a stand-in for) the
+    reference: one standardised reward per sample, the full-style group's posterior ranks the full
+    sentence over the terse answer and the terse group's posterior the reverse, the router's
+    mixture and the format guard work on it unchanged, and the BT RM of the same kind too.
+    Features: e0 = +1 for the right answer, e1 = +1 for a full sentence; the synthetic group A
+    (u = e0 + 2 e1) is the full-style labeller, B (u = e0 - 2 e1) the terse one."""
+    clients, cfg, model, _, _, mono = trained
+    E = data.EOS
+
+    def fake_features(vlm, enc, images, prompts, responses):
+        rows = []
+        for y in responses:
+            style, w = vpa_eval.answer_style(y)
+            rows.append(torch.tensor([1.0 if w == "red" else -1.0, 1.0 if style == "full" else -1.0, 0, 0, 0, 0]))
+        return torch.stack(rows)
+    monkeypatch.setattr(vm.routing, "features", fake_features)
+    full, terse = (vm.VPARewardModel.from_context(model, c.train_w, c.train_l) for c in (clients[0], clients[1]))
+    bt = vm.BTFeatureRewardModel(mono)
+    for rm in (full, terse, bt):
+        rm.ref_vlm = object()  # score() runs the (patched) reference features
+        rm.calibrate(torch.cat([clients[0].train_w, clients[1].train_w]))
+    N, G = 2, 4
+    resp = ["the shape is red" + E, "red" + E, "blue" + E, "the shape is blue" + E,  # prompt 0
+            "red red" + E, "red" + E, "the shape is red" + E, "red" + E]  # prompt 1: a repeat, a malformed
+    images, prompts = ["i0"] * G + ["i1"] * G, ["p0"] * G + ["p1"] * G
+    out = {}
+    for name, rm in (("full", full), ("terse", terse), ("bt", bt)):
+        fn = grpo.SingleReward(rm)
+        out[name] = fn(images, prompts, resp, None)
+        assert out[name].shape == (N * G,) and torch.isfinite(out[name]).all()
+        assert fn.calls == [7]  # score_unique: the repeated (i1, p1, red) is scored once
+        assert out[name][5] == out[name][7]
+    assert out["full"][0] > out["full"][1] and out["full"][6] > out["full"][5]  # full sentence > terse, same answer
+    assert out["terse"][1] > out["terse"][0] and out["terse"][5] > out["terse"][6]
+    assert out["full"][0] > out["full"][3] and out["terse"][1] > out["terse"][2]  # both still prefer the right answer
+    # MoR's mixture with a router over [VPA RM, BT RM], unchanged (E3), and the style-aware guard
+    e = torch.randn(N * G, 8, generator=torch.Generator().manual_seed(0))
+    src = router.Router(8, 2, hidden=4)
+    mixed = grpo.MixedReward([full, bt], src)(images, prompts, resp, e)
+    assert torch.allclose(mixed, router.mixed_reward(src.weights(e), torch.stack([out["full"], out["bt"]], 1)))
+    guarded = vpa_eval.StyleGuard(grpo.SingleReward(full), G)(images, prompts, resp, e)
+    keep = [i for i in range(N * G) if i != 4]
+    assert torch.equal(guarded[keep], out["full"][keep]) and guarded[4] == out["full"][5:].min() - 1
+    adv = grpo.group_advantages(guarded, G)
+    assert adv.shape == (N * G,) and torch.isfinite(adv).all() and adv[0] > adv[1]
+
+
+def test_grpo_experiment_end_to_end_at_toy_size(fed, tmp_path):
+    """grpo_experiment through a tiny random reference: RMs written, both starts, every arm,
+    one GRPO step each, a judged evaluation, the markdown section; too short an answer length
+    for a full sentence is refused."""
+    run = tmp_path / "run"
+    models.build_tiny("qwen2_vl", run / "base", seed=0)
+    pool = [(e, g) for e, g in zip(fed.pool, fed.pool_gold) if e.domain == "color"][:6]
+    small = SimpleNamespace(clients={"color": fed.clients["color"][:20]},
+                            public=[e for e in fed.public if e.domain == "color"][:12],
+                            pool=[e for e, _ in pool], pool_gold=[g for _, g in pool], test={"color": fed.test["color"][:6]})
+    cfg = vm.VPAConfig(prototypes=2, hidden=8, context=4, targets=4, episodes=2, local_steps=2, rounds=2)
+    gcfg = grpo.GRPOConfig(steps=1, prompts=2, group=2, max_new_tokens=6)
+    cache, seen = tmp_path / "cache" / "f.safetensors", []
+    res = vpa.grpo_experiment(small, 0, [0], cfg, run, tmp_path / "out", cache, "color", gcfg, start_steps=1,
+                              on_seed=seen.append)
+    assert len(seen) == 1 and res["grpo_config"]["format_guard"] is False and res["full_tokens"] == 5
+    assert sorted(res["starts"]) == sorted(vpa.GRPO_ARMS)
+    for st in res["starts"].values():
+        assert st["logp"]["terse"] < 0 and st["logp"]["full"] < 0 and 0 <= st["accuracy"] <= 1
+    for start, arms in vpa.GRPO_ARMS.items():
+        assert sorted(res["runs"][start]) == sorted(arms)
+        for per in res["runs"][start].values():
+            (x,) = per
+            assert 0 <= x["accuracy"] <= 1 and sum(x["greedy"].values()) == pytest.approx(1.0)
+            assert x["rm_rows"] > 0 and x["seed"] == 0
+    assert all(0 <= per[0]["prefers_full"] <= 1 for per in res["rms"].values())
+    for g in ("full", "terse"):
+        assert (tmp_path / "out" / "vpa-clients" / "color" / "seed0" / g / "vpa.json").exists()
+    start = tmp_path / "out" / "vpa-grpo" / "two-style-color"
+    stamp = (start / "two_style.json").stat().st_mtime_ns
+    assert vpa.two_style_start(small, "color", run / "base", start, 1) == start  # same recipe: reused
+    assert (start / "two_style.json").stat().st_mtime_ns == stamp
+    md = vpa.results_markdown({}, cfg, [0], "cmd", 1.0, None, dict(res, command="python vpa.py --grpo"))
+    assert "## GRPO with a VPA client RM" in md and "| two-style start | VPA terse |" in md
+    with pytest.raises(ValueError, match="takes 5 tokens"):
+        vpa.grpo_experiment(small, 0, [0], cfg, run, tmp_path / "out", cache, "color",
+                            grpo.GRPOConfig(steps=1, max_new_tokens=4))
