@@ -53,9 +53,8 @@ import router as routing
 from evaluate import evaluate as evaluate_policy
 from progress import Progress
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
-from vpa_eval import (_ms, _pct, client_posterior, evaluate, full_answer, heldout_accuracy,  # noqa: F401 (re-exported)
-                      neg_elbo)
-from vpa_eval import (StyleGuard, StyleJudge, answer_style, grpo_markdown, rm_diagnostics, rounds_markdown,
+from vpa_eval import (StyleGuard, StyleJudge, _ms, _pct, answer_style, client_posterior,  # noqa: F401 (re-exported)
+                      evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo, rm_diagnostics, rounds_markdown,
                       sampled_styles, style_logprobs)
 from vpa_model import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
 
@@ -290,13 +289,13 @@ def two_style_start(fed: data.Federation, domain: str, ref_dir: Path, out_dir: P
     return out_dir
 
 
-def client_rms(domain: str, pairs: list[data.Pair], groups: list[str], e_style: torch.Tensor, ref_dir: Path,
+def client_rms(domain: str, pairs: list[data.Pair], groups: list[str], probe: dict, ref_dir: Path,
                rm_dir: Path, seed: int, cfg: VPAConfig, table: dict, ref_vlm, ref_proc, cache: Path) -> tuple[dict, dict]:
     """grpo_experiment's client RMs from the client's own pairs, {"VPA full", "VPA terse", "BT"} ->
     RM scoring through ref_vlm, and their diagnostics on its held-out pairs: accuracy on the
     answer pairs (right answer + end token vs the rest: both groups agree) and on each group's
-    style pairs; prefers_full = share of the client's questions (e_style [Q, 2 (full, terse), D])
-    with r(full) > r(terse). Deterministic in `seed`."""
+    style pairs, and on the client's questions (`probe`: vpa_eval.rm_diagnostics). Deterministic
+    in `seed`."""
     m = train_client_rm(domain, pairs, groups, ref_dir, rm_dir, seed, cfg, cache)
     members = group_features(domain, pairs, groups, seed, ref_dir, None, table)  # train_client_rm's split
     bt, _, _ = train_federated("mono", members, cfg, seed, desc=f"bt client {domain}")
@@ -306,7 +305,7 @@ def client_rms(domain: str, pairs: list[data.Pair], groups: list[str], e_style: 
     _, he = heldout_split(pairs, domain, seed)  # group_features' held-out rows, in its order
     is_style = {c.group: torch.tensor([answer_style(pairs[i].chosen)[0] == "full" or answer_style(pairs[i].rejected)[0]
                                        == "full" for i in he if groups[i] == c.group], dtype=torch.bool) for c in members}
-    diag = {arm: {"seed": seed, **rm_diagnostics(rm, members, is_style, e_style),
+    diag = {arm: {"seed": seed, **rm_diagnostics(rm, members, is_style, **probe),
                   "group_purity": m["full"]["group_purity"] if arm != "BT" else None} for arm, rm in rms.items()}
     return rms, diag
 
@@ -314,23 +313,19 @@ def client_rms(domain: str, pairs: list[data.Pair], groups: list[str], e_style: 
 def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg: VPAConfig, run_dir: Path, out: Path,
                     cache: Path, domain: str = "color", gcfg: grpo.GRPOConfig | None = None,
                     start_steps: int = 120, on_seed=None) -> dict:
-    """GRPO (grpo.train_grpo, E5, unchanged) on one client's reward: the `domain` client holding
-    both groups of the conflict benchmark (conflict_clients' terse and full pairs of the domain,
-    as client_rm_experiment), with
-      "VPA <g>": its VPA client RM (train_client_rm, loaded from its upload directory through the
-                 frozen reference like any client RM) fixed to group g's posterior;
-      "BT":      a plain Bradley-Terry RM of the same kind: MonolithicBT on the same features,
-                 trained on the same mixed pairs (same split, same seed, the client-RM block's
-                 call), wrapped as BTFeatureRewardModel.
-    Each is plugged in as grpo.SingleReward (standardised, E3) inside StyleGuard (the server's
-    format guard with both conventions well-formed), from two starts (GRPO_ARMS): the reference
-    (the brief's experiment; it never samples a full sentence) and two_style_start. Per training
-    seed s (the RMs' and GRPO's): test accuracy on the domain in either style (StyleJudge),
-    the share of greedy test answers in each style, the sampled style shares of the last 10
-    steps, KL, seconds. Before that, per start: log pi of each style and sampled style shares
-    (can GRPO reach the full style?), and its greedy accuracy. `gcfg`: default 40 steps, answers
-    of up to 6 tokens (its format_guard is turned off: StyleGuard guards). `on_seed(res)` after
-    each seed."""
+    """GRPO (grpo.train_grpo, E5, unchanged) on one client's reward. The `domain` client holds both
+    groups of the conflict benchmark (as in client_rm_experiment); its RMs (client_rms):
+      "VPA <g>": its VPA client RM (train_client_rm, loaded from its upload directory like any
+                 client RM, scoring through the frozen reference) fixed to group g's posterior;
+      "BT":      a plain BT RM of the same kind: MonolithicBT on the same features and the same
+                 mixed pairs (same split and seed), as BTFeatureRewardModel.
+    Each runs as grpo.SingleReward (E3) inside StyleGuard (the format guard, both conventions
+    well-formed) from each start of GRPO_ARMS: the reference, which never samples a full
+    sentence, and two_style_start. Per seed s (the RMs' and GRPO's): test accuracy in either
+    style (StyleJudge), style shares of the greedy test answers and of the last 10 steps'
+    samples, KL, seconds; per start: log pi and sampled shares of each style, accuracy.
+    `gcfg`: default 40 steps, answers of up to 6 tokens (its own format guard off).
+    `on_seed(res)` after each seed."""
     gcfg = dataclasses.replace(gcfg or grpo.GRPOConfig(steps=40, max_new_tokens=6), format_guard=False)
     ref_dir, t_all = run_dir / "base", time.time()
     ref_vlm, ref_proc = models.load_vlm(ref_dir)  # the RMs' frozen feature extractor (E2), never trained here
@@ -340,11 +335,16 @@ def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg:
     conf = conflict_clients(fed, data_seed)
     pairs = conf[f"{domain}/terse"][1] + conf[f"{domain}/full"][1]
     groups = ["terse"] * len(conf[f"{domain}/terse"][1]) + ["full"] * len(conf[f"{domain}/full"][1])
-    # every client question's two answers, for each RM's style preference r(full) > r(terse)
-    qs = fed.clients[domain]
+    # every client question's right answer in both styles, and every answer word of the domain
+    # (terse): what each RM prefers among the responses GRPO samples (rm_diagnostics)
+    qs, words = fed.clients[domain], data.DOMAIN_ANSWERS[domain]
     styles = [(e.image, e.prompt, y + data.EOS) for e in qs for y in (full_answer(e.prompt, e.answer), e.answer)]
-    table = feature_table(styles + [(p.image, p.prompt, y) for p in pairs for y in (p.chosen, p.rejected)], ref_dir, cache)
-    e_style = torch.stack([table[t] for t in styles]).view(len(qs), 2, -1)  # [Q, 2 (full, terse), D]
+    answers = [(e.image, e.prompt, w + data.EOS) for e in qs for w in words]
+    table = feature_table(styles + answers + [(p.image, p.prompt, y) for p in pairs for y in (p.chosen, p.rejected)],
+                          ref_dir, cache)
+    probe_e = {"e_style": torch.stack([table[t] for t in styles]).view(len(qs), 2, -1),  # [Q, 2 (full, terse), D]
+               "e_answers": torch.stack([table[t] for t in answers]).view(len(qs), len(words), -1),  # [Q, K, D]
+               "gold": torch.tensor([words.index(e.answer) for e in qs])}  # [Q]
     pool = [e for e in fed.pool if e.domain == domain]
     gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold) if e.domain == domain}  # logs only
     probe = [data.Example(e.image, e.prompt, gold[(e.image, e.prompt)], domain) for e in pool[:64]]
@@ -363,7 +363,7 @@ def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg:
         res["starts"][name].update(accuracy=ev["accuracy"][domain], greedy=judge.shares())
     bar = Progress(total=len(seeds) * sum(map(len, GRPO_ARMS.values())), desc=f"grpo with client RMs ({domain})")
     for s in seeds:
-        rms, diag = client_rms(domain, pairs, groups, e_style, ref_dir, out / "vpa-clients" / domain / f"seed{s}", s,
+        rms, diag = client_rms(domain, pairs, groups, probe_e, ref_dir, out / "vpa-clients" / domain / f"seed{s}", s,
                                cfg, table, ref_vlm, ref_proc, cache)  # 2. the client's RMs, from its own pairs
         for arm, x in diag.items():
             res["rms"].setdefault(arm, []).append(x)
@@ -586,7 +586,7 @@ def main(argv=None) -> int:
             nonlocal grpo_res, md
             grpo_res = dict(res, command=command, threads=a.threads)
             md = write()
-            grpo_experiment(fed, data_seed, seeds, cfg, run_dir, out, cache, a.grpo_domain,
+        grpo_experiment(fed, data_seed, seeds, cfg, run_dir, out, cache, a.grpo_domain,
                         grpo.GRPOConfig(steps=a.grpo_steps, max_new_tokens=a.max_new_tokens), a.two_style_steps, on_seed)
     print(md)
     print(f"wrote {out / 'vpa-results.md'} and vpa-results.json ({time.time() - t0:.0f} s this invocation)")

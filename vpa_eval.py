@@ -262,15 +262,21 @@ def rounds_markdown(ev: dict, title: str) -> list[str]:
 
 
 @torch.no_grad()
-def rm_diagnostics(rm, members: list[ClientFeatures], is_style: dict, e_style: torch.Tensor) -> dict:
-    """What a client RM (any FeatureRewardModel) prefers, on the client's own features: held-out
-    pair accuracy per group (members: one ClientFeatures per group), split into the answer pairs
-    (right answer + end token vs the rest: both groups agree) and each group's style pairs
-    (is_style {group: [N_h] bool}, in held_w's row order); prefers_full = share of questions
-    (e_style [Q, 2 (full, terse), D]) with r(full sentence) > r(terse answer)."""
+def rm_diagnostics(rm, members: list[ClientFeatures], is_style: dict, e_style: torch.Tensor, e_answers: torch.Tensor,
+                   gold: torch.Tensor) -> dict:
+    """What a client RM (any FeatureRewardModel) prefers, on the client's own features:
+      heldout_accuracy {group}: its held-out pairs (members: one ClientFeatures per group), split into
+        answer_pairs: right answer + end token vs one wrong / malformed response (both groups agree),
+        style_pairs {group}: the group's style pairs (is_style {group: [N_h] bool}, held_w's row order);
+      answer_top1: share of the client's questions whose right answer the RM ranks first among all
+        the domain's answer words (e_answers [Q, K, D], gold [Q] indices), what GRPO's terse samples
+        compete on (a pair holds one wrong answer, a GRPO group several);
+      prefers_full: share of questions with r(full sentence) > r(terse answer) (e_style [Q, 2, D])."""
     r = rm.rewards(e_style.flatten(0, 1)).view(-1, 2)  # [Q, 2]
+    ra = rm.rewards(e_answers.flatten(0, 1)).view(e_answers.shape[:2])  # [Q, K]
     right = {c.group: rm.rewards(c.held_w) > rm.rewards(c.held_l) for c in members}  # [N_h] per group
     return {"prefers_full": (r[:, 0] > r[:, 1]).float().mean().item(),
+            "answer_top1": (ra.argmax(1) == gold).float().mean().item(),
             "answer_pairs": torch.cat([right[g][~is_style[g]] for g in right]).float().mean().item(),
             "style_pairs": {g: right[g][is_style[g]].float().mean().item() for g in right},
             "heldout_accuracy": {g: right[g].float().mean().item() for g in right}}
@@ -300,16 +306,18 @@ def grpo_markdown(res: dict) -> list[str]:
         lines.append(f"| {name} | {st['logp']['terse']:.1f} | {st['logp']['full']:.1f} | {100 * sm['terse']:.1f} / "
                      f"{100 * sm['full']:.1f} / {100 * sm['other']:.1f} | {100 * st['accuracy']:.1f} | "
                      f"{100 * st['greedy']['full']:.1f} |")
-    lines += ["\nThe client RMs on the client's held-out pairs (%): the answer pairs both groups agree on, and each "
-              "group's style pairs; *prefers full*: share of the client's questions where r(full sentence) > r(terse "
-              "answer); VPA: group purity of the client's local run:\n",
-              "| RM | answer pairs | style pairs, full group | style pairs, terse group | prefers full | "
-              "group purity per seed |", "|---|---|---|---|---|---|"]
+    lines += ["\nThe client RMs (%): on its held-out pairs, the answer pairs both groups agree on and each group's "
+              "style pairs; on its questions, *right answer first* = the right answer word ranked first among all the "
+              "domain's answer words, *prefers full* = r(full sentence) > r(terse answer); VPA: group purity of the "
+              "client's local run (0.50: collapsed, both posteriors on one prototype):\n",
+              "| RM | answer pairs | style pairs, full group | style pairs, terse group | right answer first | "
+              "prefers full | group purity per seed |", "|---|---|---|---|---|---|---|"]
     for arm, per in res["rms"].items():
         pur = " ".join("-" if x["group_purity"] is None else f"{x['group_purity']:.2f}" for x in per)
         lines.append(f"| {arm} | {_pct(_ms([x['answer_pairs'] for x in per]))} | "
                      + " | ".join(_pct(_ms([x["style_pairs"][g] for x in per])) for g in ("full", "terse"))
-                     + f" | {_pct(_ms([x['prefers_full'] for x in per]))} | {pur} |")
+                     + "".join(f" | {_pct(_ms([x[k] for x in per]))}" for k in ("answer_top1", "prefers_full"))
+                     + f" | {pur} |")
     lines += ["\nAfter GRPO (full share: of greedy test answers; sampled: of the last 10 steps' samples):\n",
               "| start | client RM | test accuracy | full share | terse share | other | sampled full | KL | "
               "full share per seed | s per run |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -514,3 +514,38 @@ def test_grpo_experiment_end_to_end_at_toy_size(fed, tmp_path):
     with pytest.raises(ValueError, match="takes 5 tokens"):
         vpa.grpo_experiment(small, 0, [0], cfg, run, tmp_path / "out", cache, "color",
                             grpo.GRPOConfig(steps=1, max_new_tokens=4))
+
+
+def test_main_grpo_flag_runs_the_block_and_keeps_the_table(fed, tmp_path, monkeypatch):
+    """`python vpa.py --grpo`: no table rerun, the GRPO block gets the CLI's GRPO settings, and
+    vpa-results.json/.md keep the earlier table, its header, and gain the GRPO section."""
+    prev = {"config": {}, "data_seed": 0, "seeds": [0, 1, 2, 3, 4], "command": "python vpa.py --table", "seconds": 9.0,
+            "results": {}, "client_rm": {"color/full": {"vpa": vpa._ms([0.9]), "bt": vpa._ms([0.8])}}}
+    (tmp_path / "vpa-results.json").write_text(json.dumps(prev))
+    seen = {}
+    x = {"accuracy": 0.9, "greedy": {"terse": 0.25, "full": 0.75, "other": 0.0}, "sampled_last10": {"full": 0.7},
+         "kl_last10": 0.1, "seconds": 3.0}
+    rm = {"answer_pairs": 0.97, "style_pairs": {"full": 0.9, "terse": 0.1}, "answer_top1": 0.8, "prefers_full": 0.85,
+          "group_purity": 1.0}
+    start = {"logp": {"terse": -0.2, "full": -40.0}, "sampled": {"terse": 1.0, "full": 0.0, "other": 0.0},
+             "accuracy": 0.8, "greedy": {"full": 0.0}}
+
+    def stub(fed_, data_seed, seeds, cfg, run_dir, out, cache, domain, gcfg, start_steps, on_seed):
+        seen.update(seeds=seeds, domain=domain, steps=gcfg.steps, max_new_tokens=gcfg.max_new_tokens, start=start_steps)
+        res = {"domain": domain, "grpo_config": vars(gcfg), "start_steps": start_steps, "full_tokens": 5, "seeds": seeds,
+               "pairs": {"terse": 10, "full": 12}, "starts": {"reference": start}, "rms": {"VPA full": [rm]},
+               "runs": {"reference": {"VPA full": [x]}}, "seconds": 1.0}
+        on_seed(res)
+        return res
+    monkeypatch.setattr(vpa, "grpo_experiment", stub)
+    monkeypatch.setattr(vpa, "run_experiment", lambda *a, **k: pytest.fail("--grpo alone must not rerun the table"))
+    monkeypatch.setattr(vpa.data, "build_federation", lambda seed: fed)
+    assert vpa.main(["--run-dir", str(tmp_path), "--grpo", "--seeds", "0", "--grpo-steps", "3", "--max-new-tokens", "7",
+                     "--two-style-steps", "2"]) == 0
+    assert seen == {"seeds": [0], "domain": "color", "steps": 3, "max_new_tokens": 7, "start": 2}
+    out = json.loads((tmp_path / "vpa-results.json").read_text())
+    assert (out["seeds"], out["command"], out["client_rm"]) == (prev["seeds"], prev["command"], prev["client_rm"])
+    assert "--grpo" in out["grpo"]["command"] and out["grpo"]["threads"] == 1
+    md = (tmp_path / "vpa-results.md").read_text()
+    assert "python vpa.py --table" in md and "color/full" in md and "## GRPO with a VPA client RM" in md
+    assert "| reference | VPA full | 90.0 ± 0.0 | 75.0 ± 0.0 |" in md
