@@ -37,7 +37,7 @@ from safe_io import atomic_write_json, atomic_write_text
 from stages import STAGES, preflight
 
 # The stages whose outputs each stage reads.
-UPSTREAM = {"base": [], "sft": ["base"], "reward": [], "router": ["sft", "reward"],
+UPSTREAM = {"base": [], "sft": ["base"], "reward": ["base"], "router": ["sft", "reward"],
             "grpo": ["sft", "reward", "router"], "eval": ["sft", "reward", "grpo"]}
 
 
@@ -267,6 +267,13 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
             p.error(f"--router-from {a.router_from}: expected an existing router-<setting>.safetensors")
         if not os.path.isfile(side):
             p.error(f"--router-from {a.router_from}: {side} (its clients' names) not found beside it")
+        try:
+            old_names = json.load(open(side))["rms"]
+        except (OSError, ValueError, KeyError, TypeError):
+            p.error(f"--router-from {a.router_from}: {side} holds no list 'rms' of client names")
+        if not set(old_names) & {*SETTINGS[a.setting], *user}:
+            p.error(f"--router-from {a.router_from}: none of its clients {old_names} is in this federation "
+                    f"({[*SETTINGS[a.setting], *user]}); train the router from scratch")
     if a.setting == "own" and not user:
         p.error("--setting own: the federation is the clients you bring; give at least one --client-data NAME=FILE")
     # A checkpoint directory is checked in full now (config, safetensors headers, no remote code,
@@ -282,7 +289,7 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.full:
-        # One run directory, three settings: sft and the RMs of shared families are reused.
+        # One run directory, four settings: sft and the RMs of shared families are reused.
         argv = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--full"]
         for setting, extra in (("heterogeneous", []), ("homogeneous", []), ("bucket", ["--methods", BUCKET_METHODS]),
                               ("noisy", ["--methods", BUCKET_METHODS])):
@@ -292,8 +299,12 @@ def main(argv=None) -> int:
         # one thread. Kept when its results are newer than the base they were computed on.
         import vpa
 
-        res, base = Path(a.run_dir) / "vpa-results.json", Path(a.run_dir) / "base" / "provenance.json"
-        if a.force or not res.exists() or res.stat().st_mtime < base.stat().st_mtime:
+        res, base = Path(a.run_dir) / "vpa-results.json", Path(a.run_dir) / "base"
+        if a.quick:
+            print("=== --full --quick: FedVPA-GP's table skipped (13 min; run python vpa.py) ===", flush=True)
+        elif not base.exists():
+            print(f"=== --full: FedVPA-GP needs {base}, which is missing; skipped ===", flush=True)
+        elif a.force or not res.exists() or res.stat().st_mtime < base.stat().st_mtime:
             print("=== --full: FedVPA-GP (vpa.py) ===", flush=True)
             vpa.pipeline_step(a.run_dir)
         else:

@@ -272,7 +272,10 @@ class Run:
         return {"stage": "eval", "reference": provenance.digest(self.sft_inputs()), "test": self.test_signature(),
                 "matrix": provenance.digest(self.matrix_inputs()) if self.output("reward").exists() else None,
                 "grpo": provenance.digest(self.grpo_inputs()) if self.output("grpo").exists() else None,
-                "methods": self.args.methods, "seeds": self.args.seeds}
+                "methods": self.args.methods, "seeds": self.args.seeds,
+                # a weak-client table sets each method beside the main table's
+                "main_table": (provenance.file_digest(self.dir / "results.json")
+                               if weak_client(self.args.setting) and (self.dir / "results.json").exists() else None)}
 
     def fresh(self, output: Path, inputs: dict, what: str) -> bool:
         """True when `output` exists and was made from `inputs`; else False, with one line saying

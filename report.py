@@ -202,29 +202,32 @@ def paired_comparisons(r: dict) -> dict:
 
 def weak_client_effect(results: dict, without: dict) -> tuple[dict, dict]:
     """The weak-client settings against the main table, seed by seed on the seeds both ran:
-    without  {method: {domain: {mean, std}}}  the main table's accuracy on those seeds;
+    table    {"without" | "with": {method: {domain: {mean, std}}}}  accuracy on those seeds;
     effect   {"<m>": paired(with, without), "<m>-<b>": paired(change of m, change of b)} overall,
              where change = with - without per seed (stats.paired; "mor-avg_rm" >= 0: MoR loses
              no more from the weak client than Avg RM does)."""
-    doms, out, change = results["domains"], {}, {}
+    doms, out, with_, change = results["domains"], {}, {}, {}
     effect = {}
     for m, r in results["methods"].items():
         if m not in without or "per_seed" not in without[m] or "per_seed" not in r:
             continue
         w1, w0 = r["per_seed"], without[m]["per_seed"]
         common = [s for s in w1["seeds"] if s in w0["seeds"]]
+        if not common:  # nothing to pair: the two tables ran different seeds
+            continue
         i1, i0 = [w1["seeds"].index(s) for s in common], [w0["seeds"].index(s) for s in common]
         out[m] = {d: _mean_std([w0["accuracy"][d][i] for i in i0]) for d in doms}
+        with_[m] = {d: _mean_std([w1["accuracy"][d][i] for i in i1]) for d in doms}
         a, b = [w1["overall"][i] for i in i1], [w0["overall"][i] for i in i0]
         effect[m] = dict(stats.paired(a, b), seeds=common)
         change[m] = dict(zip(common, (x - y for x, y in zip(a, b))))
     for m in change:
         for base in ("avg_rm", "weighted_rm"):
-            if m != base and base in change and not m.endswith("_rm"):
-                common = [s for s in change[m] if s in change[base]]
+            common = [s for s in change[m] if s in change.get(base, {})]
+            if m != base and common and not m.endswith("_rm"):
                 effect[f"{m}-{base}"] = dict(stats.paired([change[m][s] for s in common],
                                                           [change[base][s] for s in common]), seeds=common)
-    return out, effect
+    return {"without": out, "with": with_}, effect
 
 
 # Claims of the paper (and of the issues' targets) against the paired numbers: (text, pair key,
@@ -341,18 +344,18 @@ def results_markdown(r: dict) -> str:
             out += ["", f"{name}: share of prompts routed to each RM (rows: domain of the prompt), final "
                     f"mean posterior variance {m['nts_final_variance']['mean']:.3f}", "",
                     matrix_markdown(share, list(next(iter(share.values()))), "domain \\ RM")]
-    if r.get("without_weak_client"):
+    if r.get("without_weak_client", {}).get("without"):
         # overall accuracy (question-weighted) with and without the weak client, same seeds
         def overall(acc):
             return sum(acc[d]["mean"] * n[d] for d in doms) / max(sum(n[d] for d in doms), 1)
 
         weak, what = WEAK_CLIENTS.get(r.get("setting"), ("weak", "a fourth client"))
         out += ["", f"Weak client: accuracy (%) without and with the fourth client `{weak}` "
-                f"({what}), mean over seeds {r['seeds']}", "",
+                f"({what}), mean over the seeds both tables ran", "",
                 "| method | " + " | ".join(f"{d} without / with" for d in doms) + " | overall without | with | change |",
                 "|---|" + "---|" * (len(doms) + 3)]
-        for name, acc0 in r["without_weak_client"].items():
-            acc1 = r["methods"][name]["accuracy"]
+        for name, acc0 in r["without_weak_client"]["without"].items():
+            acc1 = r["without_weak_client"]["with"][name]
             eff = r.get("weak_client_effect", {}).get(name)
             out.append(f"| {name} | " + " | ".join(f"{100 * acc0[d]['mean']:.1f} / {100 * acc1[d]['mean']:.1f}"
                                                   for d in doms)

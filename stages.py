@@ -42,7 +42,6 @@ from pipeline import (BASE_FAMILY, PRETRAIN_IMAGES, SETTINGS, Run, weak_client, 
 from report import (_chance, _mean_std, _moving_max, claims, gates, matrix_markdown, paired_comparisons, plots,
                     results_markdown, router_markdown, weak_client_effect)
 from reward import train_sft
-from safetensors.torch import load_file
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
 
@@ -133,10 +132,11 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
             todo.append(name)
     # Clients of the base's family start from the pre-trained base (Run.client_init), so their
     # RMs wait for it: two waves, [base + the other clients' RMs], then [sft + those RMs].
-    later = [n for n in todo if run.from_base(n)]
-    if later and "base" not in beside and not (run.dir / "base_init").exists():
-        raise SystemExit(f"[reward] clients {later} start from the pre-trained base, which is missing: "
-                         "add base to --stages")
+    from_base = [n for n in todo if run.from_base(n)]
+    if from_base and "base" not in beside and not run.fresh(run.dir / "base_init", run.base_inputs(), "base"):
+        raise SystemExit(f"[reward] clients {from_base} start from the pre-trained base, which is missing or "
+                         "was made from other flags: add base to --stages")
+    later = from_base if "base" in beside else []  # the base is there already: one wave
     waves = [[(a, None, [s]) for s in beside if s == "base"] + [(a, n, []) for n in todo if n not in later],
              [(a, None, [s]) for s in beside if s == "sft"] + [(a, n, []) for n in later]]
     times = {}
@@ -318,20 +318,18 @@ def warm_start_router(run: Run, path: str, clients: dict, make) -> tuple[torch.n
     clients (federated.warm_start); each joining client then fits its own new row on its own
     pairs (Client.fit_new_rm, one exchange). -> (router, names of the joining clients)."""
     old_names = json.loads(Path(path).with_suffix(".json").read_text())["rms"]
-    state = load_file(path)  # safetensors only
     new = make()
-    W = [k for k in state if k.startswith("net.") and k.endswith(".weight")][-1]
-    if state[W].shape[0] != len(old_names) or state[W].shape[1] != new.hidden or \
-            state["feat_mean"].shape != new.feat_mean.shape:
-        raise SystemExit(f"--router-from {path}: a router over {state[W].shape[0]} RMs with input "
-                         f"{tuple(state['feat_mean'].shape)} and hidden {state[W].shape[1]} does not fit this run "
-                         f"({len(old_names)} names, input {tuple(new.feat_mean.shape)}, hidden {new.hidden})")
     old = router.Router(new.dim, len(old_names), new.hidden, new.context)
-    old.load_state_dict(state)
-    model, rows = federated.warm_start(old, old_names, list(clients))
+    try:  # an upload like any other: safetensors only, the expected keys and shapes, finite values
+        old.load_state_dict(router.load_state(path, old))
+        model, rows = federated.warm_start(old, old_names, list(clients))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--router-from {path}: {e}") from None
     names = list(clients)
     a = run.args
     for i in rows:
+        if names[i] == a.router_withhold:  # the shift scenario: its pairs never train the router
+            continue
         st, _, loss = clients[names[i]].fit_new_rm(model.state_dict(), make, federated.JOIN_FIT_EPOCHS, a.router_lr,
                                                    a.router_batch, a.seed, row=i)
         model.load_state_dict(st)

@@ -300,6 +300,7 @@ def test_warm_start_keeps_reorders_drops_and_joins_rows():
     from federated import warm_start
     torch.manual_seed(0)
     m = router.Router(D, 3, hidden=8)
+    m.set_feature_stats(torch.randn(D), torch.rand(D) + 0.5)
     with torch.no_grad():
         m.net[2].bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
     e = torch.randn(40, D)
@@ -310,13 +311,17 @@ def test_warm_start_keeps_reorders_drops_and_joins_rows():
     ratio_new = wn[:, 0] / wn[:, 1]  # c / a
     assert torch.allclose(ratio_new, w[:, 2] / w[:, 0], atol=1e-5)
     assert torch.allclose(new.net[2].bias[2], (m.net[2].bias[0] + m.net[2].bias[2]) / 2 - math.log(2))
-    assert torch.equal(new.feat_mean, m.feat_mean)
+    assert torch.equal(new.feat_mean, m.feat_mean) and torch.equal(new.feat_std, m.feat_std)
     same, rows = warm_start(m, ["a", "b", "c"], ["a", "b", "c"])
     assert rows == [] and torch.allclose(same.weights(e), w)
     with pytest.raises(ValueError, match="none of"):
         warm_start(m, ["a", "b", "c"], ["x", "y"])
-    # the joiner fits its own row (not the last one here): every other row is untouched
-    c = _domain_client("d", [0], K=3, n=64)
+    # the joiner fits its own row, here the middle one of three: only that row and its bias move
+    new, rows = warm_start(m, ["a", "b", "c"], ["a", "d", "c"])
+    assert rows == [1]
+    c = _domain_client("d", [1], K=3, n=64)
     st, _, _ = c.fit_new_rm(new.state_dict(), lambda: router.Router(D, 3, hidden=8), 2, 1e-2, 32, 0, row=1)
     W0, W1 = new.state_dict()["net.2.weight"], st["net.2.weight"]
+    b0, b1 = new.state_dict()["net.2.bias"], st["net.2.bias"]
     assert torch.equal(W0[[0, 2]], W1[[0, 2]]) and not torch.equal(W0[1], W1[1])
+    assert torch.equal(b0[[0, 2]], b1[[0, 2]]) and b0[1] != b1[1]

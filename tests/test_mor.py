@@ -334,7 +334,7 @@ def test_bucket_table_compares_with_and_without_the_weak_client():
     r = {"domains": data.DOMAINS, "eval_questions_per_domain": {"color": 100, "shape": 100, "position": 200},
          "seeds": [0], "chance": acc(0, 0, 0), "blind": {d: 0 for d in data.DOMAINS},
          "reference": {d: 0 for d in data.DOMAINS}, "methods": {"avg_rm": m}, "wall_seconds": {},
-         "without_weak_client": {"avg_rm": acc(0.9, 0.6, 0.8)}}
+         "without_weak_client": {"without": {"avg_rm": acc(0.9, 0.6, 0.8)}, "with": {"avg_rm": acc(0.5, 0.5, 0.5)}}}
     r["chance"] = {d: 0 for d in data.DOMAINS}
     md = report.results_markdown(r)
     # overall without = (90 + 60 + 2 * 80) / 4 = 77.5; with = 50.0
@@ -375,9 +375,15 @@ def test_a_client_joins_a_trained_router_without_retraining(tiny_run, tmp_path):
     summary = json.loads((run / "router-bucket.json").read_text())
     assert summary["warm_start"] == {"from": str(src), "joined": ["weak"]} and summary["rms"][-1] == "weak"
     assert len(summary["rounds"]) == 1
-    with pytest.raises(SystemExit):  # a router without its names beside it is refused up front
-        lone = tmp_path / "lone.safetensors"
-        shutil.copy(src, lone)
+    # before any round, the three kept rows are the trained router's (a 0-round warm start)
+    assert mor.main(TINY_RUN + ["--run-dir", str(run), "--setting", "bucket", "--stages", "router",
+                                "--router-from", str(src), "--rounds", "1", "--router-lr", "1e-12"]) == 0
+    old, new = load_file(src), load_file(run / "router-bucket.safetensors")
+    W = [k for k in old if k.startswith("net.") and k.endswith(".weight")][-1]
+    assert torch.allclose(new[W][:3], old[W][:3], atol=1e-6) and new[W].shape[0] == 4
+    lone = tmp_path / "lone.safetensors"  # a router without its names beside it is refused up front
+    shutil.copy(src, lone)
+    with pytest.raises(SystemExit, match="not found beside it"):
         mor.parse_args(["--run-dir", str(run), "--router-from", str(lone)])
 
 
@@ -392,7 +398,10 @@ def test_weak_client_effect_is_paired_on_the_common_seeds():
     without = {"mor": m([0.81, 0.83, 0.85, 0.10, 0.10], [0, 1, 2, 3, 4]),
                "avg_rm": m([0.75, 0.74, 0.76, 0.99, 0.99], [0, 1, 2, 3, 4])}
     acc0, eff = report.weak_client_effect(res, without)
-    assert acc0["mor"]["color"]["mean"] == pytest.approx(0.83)  # seeds 3, 4 left out
+    assert acc0["without"]["mor"]["color"]["mean"] == pytest.approx(0.83)  # seeds 3, 4 left out
+    assert acc0["with"]["mor"]["color"]["mean"] == pytest.approx(0.82)
+    # no seed in common: nothing paired, no crash
+    assert report.weak_client_effect(res, {"mor": m([0.5], [7])}) == ({"without": {}, "with": {}}, {})
     assert eff["mor"]["mean"] == pytest.approx(-0.01) and eff["mor"]["seeds"] == [0, 1, 2]
     assert eff["avg_rm"]["mean"] == pytest.approx(-0.05)
     # change(mor) - change(avg): (-0.01) - (-0.05, -0.04, -0.06) = 0.04, 0.03, 0.05
