@@ -136,18 +136,21 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
     if from_base and "base" not in beside and not run.fresh(run.dir / "base_init", run.base_inputs(), "base"):
         raise SystemExit(f"[reward] clients {from_base} start from the pre-trained base, which is missing or "
                          "was made from other flags: add base to --stages")
-    later = from_base if "base" in beside else []  # the base is there already: one wave
-    waves = [[(a, None, [s]) for s in beside if s == "base"] + [(a, n, []) for n in todo if n not in later],
-             [(a, None, [s]) for s in beside if s == "sft"] + [(a, n, []) for n in later]]
+    server = [(a, None, [s]) for s in beside]
+    if "base" in beside:  # two waves: what needs the base runs after it
+        waves = [server[:1] + [(a, n, []) for n in todo if n not in from_base],
+                 server[1:] + [(a, n, []) for n in from_base]]
+    else:  # the base is there already (or not needed): one wave
+        waves = [server + [(a, n, []) for n in todo]]
     times = {}
     for jobs in waves:  # the server's stage first in each wave: the longest job
         if a.workers > 1 and len(jobs) > 1:
             for t in in_workers(_reward_worker, jobs, a.workers):
                 times.update(t)
         else:
-            for _, name, server in jobs:
+            for _, name, chain in jobs:
                 if name is None:
-                    times.update(server_job(run, server)[1])
+                    times.update(server_job(run, chain)[1])
                 else:
                     tqdm.write(reward_job(run, clients[name]))
     uploads = {name: run.rm_dir(name) for name in clients}
