@@ -163,17 +163,7 @@ def test_prior_burn_in_is_uniform_then_the_floored_mixture():
 def weak_two_group_clients(n=400, held=200, seed=0):
     """Like two_group_clients, with a weaker conflict (u = e0 +- e1): the groups are harder to find,
     so whichever prototype leads early can take everybody."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k, group in enumerate(["A", "B", "A", "B"]):
-        u = torch.tensor([1.0, 1.0 if group == "A" else -1.0, 0, 0, 0, 0])
-        parts = []
-        for m in (n, held):
-            a, b = torch.randn(m, D, generator=g), torch.randn(m, D, generator=g)
-            first = (a @ u > b @ u).unsqueeze(-1)
-            parts += [torch.where(first, a, b), torch.where(first, b, a)]
-        out.append(vm.ClientFeatures(f"c{k}{group}", group, *parts))
-    return out
+    return two_group_clients(n, held, seed, conflict=1.0)
 
 
 def test_burn_in_prevents_a_constructed_rich_get_richer_collapse():
@@ -224,13 +214,13 @@ FAST = dict(prototypes=3, hidden=32, context=8, targets=16, episodes=8, local_st
             eval_contexts=16)
 
 
-def two_group_clients(n=400, held=200, seed=0):
-    """4 clients, 2 groups. Utility u_A = e0 + 2 e1, u_B = e0 - 2 e1: the groups agree on e0
-    and disagree on e1, so one reward for both can only use e0 (~65% per pair)."""
+def two_group_clients(n=400, held=200, seed=0, conflict=2.0):
+    """4 clients, 2 groups. Utility u_A = e0 + c e1, u_B = e0 - c e1 (c = `conflict`): the groups
+    agree on e0 and disagree on e1, so one reward for both can only use e0 (~65% per pair at c = 2)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for k, group in enumerate(["A", "B", "A", "B"]):
-        u = torch.tensor([1.0, 2.0 if group == "A" else -2.0, 0, 0, 0, 0])
+        u = torch.tensor([1.0, conflict if group == "A" else -conflict, 0, 0, 0, 0])
         parts = []
         for m in (n, held):
             a, b = torch.randn(m, D, generator=g), torch.randn(m, D, generator=g)
