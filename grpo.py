@@ -26,6 +26,7 @@ What makes a step cheap on CPU (measured in docs/results.md):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -421,6 +422,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
     G = cfg.group
     log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
     log["skipped"] = []  # steps whose batch was dropped: non-finite rewards, loss or gradient
+    log["reward_seconds"] = []  # wall time of each step's reward call
     bar = Progress(range(cfg.steps), desc=desc, dynamic_ncols=True)
     for step in bar:
         exs = next(batches)
@@ -446,7 +448,10 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
         prompts_g = [p for p in prompts for _ in range(G)]
+        t_reward = time.perf_counter()
         rewards = reward_fn(imgs_g, prompts_g, responses, e).float()
+        # the part of a step that grows with K (soft mixtures run every RM; hard routing one a prompt)
+        log["reward_seconds"].append(time.perf_counter() - t_reward)
         if not torch.isfinite(rewards).all():
             # Caught where it arises: one NaN reward would make its whole group's advantages NaN
             # (E5 divides by the group's std) and the step's loss NaN. The batch is dropped; the

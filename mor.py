@@ -30,8 +30,8 @@ import nts
 import router
 import safe_io
 from evaluate import JUDGES
-from pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, QUICK, SETTINGS, STAGE_OUTPUT, USER_FAMILY, Run,
-                      methods)
+from pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, SETTINGS, STAGE_OUTPUT,
+                      USER_FAMILY, Run, methods)
 from report import results_markdown
 from safe_io import atomic_write_json, atomic_write_text
 from stages import STAGES, preflight
@@ -77,11 +77,12 @@ def parse_args(argv=None):
                    help="the federation: heterogeneous (the benchmark's three clients on LLaVA-OV / "
                         "Qwen2.5-VL / Qwen2-VL), homogeneous (all Qwen2-VL, adds FedAvg-RM), bucket "
                         "(heterogeneous + a weak but honest fourth client: the paper's bucket effect), noisy "
-                        "(heterogeneous + a fourth client with half its labels reversed: a stress test), or "
-                        "own (only the clients of --client-data)")
+                        "(heterogeneous + a fourth client with half its labels reversed: a stress test), many6 / "
+                        "many12 (the three experts + 3 / 9 narrow clients: K = 6 / 12), or own (only the "
+                        "clients of --client-data)")
     p.add_argument("--full", action="store_true",
                    help="the main table, then the homogeneous setting, then the bucket and noisy settings "
-                        f"({BUCKET_METHODS}), then FedVPA-GP's table (vpa.py)")
+                        f"({BUCKET_METHODS}), then many6 and many12 ({MANY_METHODS}), then FedVPA-GP's table (vpa.py)")
     # -- your own task: the server-side data that replaces the embedded benchmark's ------------
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="your own GRPO prompt pool: JSONL with image, prompt (optional: domain, answer; "
@@ -289,10 +290,12 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.full:
-        # One run directory, four settings: sft and the RMs of shared families are reused.
+        # One run directory, six settings: sft and the RMs of shared families are reused (the
+        # many-client settings keep the heterogeneous experts' RMs and add the narrow clients').
         argv = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--full"]
         for setting, extra in (("heterogeneous", []), ("homogeneous", []), ("bucket", ["--methods", BUCKET_METHODS]),
-                              ("noisy", ["--methods", BUCKET_METHODS])):
+                              ("noisy", ["--methods", BUCKET_METHODS]), ("many6", ["--methods", MANY_METHODS]),
+                              ("many12", ["--methods", MANY_METHODS])):
             print(f"=== --full: {setting} setting ===", flush=True)
             main([*argv, "--setting", setting, *(extra if a.methods is None else [])])
         # FedVPA-GP's table (docs/vpa.md) on the same reference: 5 training seeds, ~13 min on

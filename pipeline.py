@@ -79,6 +79,29 @@ SETTINGS["bucket"] = dict(SETTINGS["heterogeneous"], weak="llava_onevision")
 SETTINGS["noisy"] = dict(SETTINGS["heterogeneous"], noisy="llava_onevision")
 # Your own task: no embedded client; the federation is the --client-data clients.
 SETTINGS["own"] = {}
+
+# Many clients: the federation grows from K = 3 to 6 and 12 (docs/benchmark.md, "Many clients").
+# The three domain experts stay; narrow clients join, each an honest client with a narrow but
+# consistent taste: it labelled (correctly) only the public split's questions whose answer lies in
+# its own subset, so its RM has only ever seen those answers preferred. The average hands each
+# domain's expert 1/K of every reward and the narrow RMs of that domain, which favour their own
+# answers whatever the image shows, a share each; a router can learn from the clients' own pairs
+# whose RM to trust for which (prompt, response). No new data: the public split's images, as the
+# bucket setting's weak client uses them. Each narrow client's VLM is its domain expert's family,
+# and it runs the RM recipe for as many epochs as its expert does (Run.rm_config), not as many
+# steps: it holds a sixth to two fifths of the expert's questions.
+NARROW = {  # client -> (domain, the answers its questions have)
+    "red_brown": ("color", ("red", "brown")), "circle": ("shape", ("circle",)),
+    "left_right": ("position", ("left", "right")),
+    "green_yellow": ("color", ("green", "yellow")), "blue_teal": ("color", ("blue", "teal")),
+    "black_gray": ("color", ("black", "gray")), "rectangle": ("shape", ("rectangle",)),
+    "triangle": ("shape", ("triangle",)), "top_bottom": ("position", ("top", "bottom")),
+}
+MANY = {"many6": list(NARROW)[:3], "many12": list(NARROW)}  # setting -> its narrow clients (K6 is in K12)
+for _s, _names in MANY.items():
+    SETTINGS[_s] = dict(SETTINGS["heterogeneous"], **{n: SETTINGS["heterogeneous"][NARROW[n][0]] for n in _names})
+MANY_METHODS = "mor,mor_nts,mor_hard,avg_rm,weighted_rm"  # what the many-client settings compare
+NARROW_MIN_STEPS = 30  # a narrow client's RM recipe, scaled to its data, never shorter than this
 WEAK_FLIP = 0.5  # noisy: share of its preferences reversed
 WEAK_QUESTIONS = 240  # weak: its clean questions (an expert holds 1,000-1,500 of its one domain)
 WEAK_RM_STEPS = (30, 40)  # weak: (SFT warm-up, BT) steps instead of the recipe's (300, 300)
@@ -151,6 +174,12 @@ class Run:
                 # their true labels (the server's copy of that split was labelled carelessly)
                 clean = data.build_federation(a.seed, test_per_domain=1, confusions={}).public
                 fed.clients["weak"] = random.Random(f"weak-{a.seed}").sample(clean, WEAK_QUESTIONS)
+            if a.setting in MANY:
+                # the narrow clients' questions: the public split's, clean labels, by answer subset
+                clean = data.build_federation(a.seed, test_per_domain=1, confusions={}).public
+                for name in MANY[a.setting]:
+                    dom, answers = NARROW[name]
+                    fed.clients[name] = [e for e in clean if e.domain == dom and e.answer in answers]
             for name in self.user_data:
                 # a user client has pairs, not labelled questions: Run.clients reads its JSONL;
                 # here it only takes its place (and its index k) among the K clients
@@ -213,6 +242,8 @@ class Run:
         else:
             src = {"noisy": "embedded, half reversed", "weak": f"embedded, {WEAK_QUESTIONS} clean questions"
                    }.get(client if client == weak_client(a.setting) else None, "embedded")
+            if client in NARROW and client in MANY.get(a.setting, ()):
+                src = f"embedded public split, clean labels, answers {'/'.join(NARROW[client][1])}"
         cfg = self.rm_config(client)
         out = {"stage": "reward", "client": client, "init": init, "data": src, "seed": a.seed,
                "sft_steps": cfg.sft_steps, "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr,
@@ -275,7 +306,17 @@ class Run:
                 "methods": self.args.methods, "seeds": self.args.seeds,
                 # a weak-client table sets each method beside the main table's
                 "main_table": (provenance.file_digest(self.dir / "results.json")
-                               if weak_client(self.args.setting) and (self.dir / "results.json").exists() else None)}
+                               if weak_client(self.args.setting) and (self.dir / "results.json").exists() else None),
+                # a many-client table sets itself beside the smaller K's (report.MANY_K)
+                "smaller_k": {f: provenance.file_digest(self.dir / f) for f in self.smaller_k_tables()}}
+
+    def smaller_k_tables(self) -> list[str]:
+        """The results files of the smaller federations a many-client evaluation reads."""
+        order = ["results.json", *(f"results-{s}.json" for s in MANY)]
+        if self.args.setting not in MANY:
+            return []
+        mine = order.index(f"results-{self.args.setting}.json")
+        return [f for f in order[:mine] if (self.dir / f).exists()]
 
     def fresh(self, output: Path, inputs: dict, what: str) -> bool:
         """True when `output` exists and was made from `inputs`; else False, with one line saying
@@ -406,6 +447,10 @@ class Run:
         sft, steps = a.rm_sft_steps, a.rm_steps
         if client is not None and client == weak_client(a.setting) == "weak":
             sft, steps = min(sft, WEAK_RM_STEPS[0]), min(steps, WEAK_RM_STEPS[1])
+        if client in MANY.get(a.setting, ()):
+            # as many epochs as its domain's expert: steps scaled by its share of the expert's questions
+            share = len(self.fed.clients[client]) / max(len(self.fed.clients[NARROW[client][0]]), 1)
+            sft, steps = (min(x, max(NARROW_MIN_STEPS, round(x * share))) for x in (sft, steps))
         return reward.RMConfig(sft_steps=sft, steps=steps, batch=a.rm_batch, lr=a.rm_lr)
 
     def record_time(self, stage: str, seconds: float) -> None:
@@ -430,6 +475,8 @@ def methods(run: Run) -> list[str]:
         out.append("fedavg_rm")
     if run.fed.pool_gold is None:  # no gold answers in the user's prompt pool: no oracle
         out.remove("oracle")
+    if run.args.setting in MANY and not run.args.methods:  # 12 single-RM rows would be 36 jobs of no use
+        return [m for m in out if m in MANY_METHODS.split(",")]
     if run.args.methods:
         want = run.args.methods.split(",")
         if "oracle" in want and "oracle" not in out:

@@ -11,7 +11,7 @@ import json
 
 import data
 import stats
-from pipeline import WEAK_CLIENTS, Run, policy_dir, trained_methods
+from pipeline import MANY, MANY_METHODS, WEAK_CLIENTS, Run, policy_dir, trained_methods
 from safe_io import atomic_savefig
 
 
@@ -230,6 +230,119 @@ def weak_client_effect(results: dict, without: dict) -> tuple[dict, dict]:
     return {"without": out, "with": with_}, effect
 
 
+# The federation as it grows (pipeline.MANY): each K's table in the run directory. A table reads
+# only the smaller K's (results-many12 reads K = 3 and 6), so no two evaluations read each other.
+MANY_K = [("heterogeneous", "results.json"), *((s, f"results-{s}.json") for s in MANY)]
+
+
+def many_clients(run_dir, setting: str, results: dict) -> dict:
+    """{"seeds": the GRPO seeds every K's table ran, "K": [{setting, K, methods: {m: {overall
+    {mean, std}, seconds_per_step, reward_seconds_per_step, rm_rows_per_step}}, "mor-avg_rm":
+    stats.paired overall, router {rounds, seconds}, memory {peak_rss_mb, rm_params_mb}}]} for this
+    setting's table and the smaller K's before it. Accuracies and the paired MoR - Avg RM are on
+    the common seeds, so every K is measured on the same prompt orders and sampler streams."""
+    tables = []
+    for name, file in MANY_K:
+        r = results if name == setting else (json.loads((run_dir / file).read_text())
+                                             if (run_dir / file).exists() else None)
+        if r and r.get("methods"):
+            tables.append((name, r))
+        if name == setting:
+            break
+    want = MANY_METHODS.split(",")
+    seeds = None
+    for _, r in tables:
+        for m in want:
+            if m in r["methods"]:
+                s = set(r["methods"][m]["seeds"])
+                seeds = s if seeds is None else seeds & s
+    seeds = sorted(seeds or [])
+    out = {"seeds": seeds, "K": []}
+    for name, r in tables:
+        K = len(r["rm_pair_accuracy"]) if "rm_pair_accuracy" in r else None
+        on = {}
+        for m in want:
+            if m not in r["methods"]:
+                continue
+            x, idx = r["methods"][m], [r["methods"][m]["seeds"].index(s) for s in seeds]
+            on[m] = [x["per_seed"]["overall"][i] for i in idx]
+        row = {"setting": name, "K": K,
+               "methods": {m: {"overall": _mean_std(v), **{k: r["methods"][m].get(k) for k in (
+                   "seconds_per_step", "reward_seconds_per_step", "rm_rows_per_step")}} for m, v in on.items()}}
+        if "mor" in on and "avg_rm" in on and seeds:
+            row["mor-avg_rm"] = stats.paired(on["mor"], on["avg_rm"])
+        rs = run_dir / f"router-{name}.json"
+        if rs.exists():
+            x = json.loads(rs.read_text())
+            row["router"] = {"rounds": len(x["rounds"]), "seconds": x["seconds"]}
+        row["memory"] = {k: max((m.get(k) or 0.0) for m in r["methods"].values())
+                         for k in ("peak_rss_mb", "rm_params_mb")}
+        out["K"].append(row)
+    return out
+
+
+def many_clients_markdown(t: dict) -> list[str]:
+    if not t.get("K") or not t["seeds"]:
+        return []
+    ms = [m for m in MANY_METHODS.split(",") if any(m in row["methods"] for row in t["K"])]
+
+    def cell(x, key, fmt):
+        v = x.get(key)
+        return "n/a" if not v else fmt(v)
+
+    out = ["", f"Many clients: the federation grows (pipeline.MANY). Overall accuracy (%) mean +/- std on the seeds "
+           f"every K ran ({','.join(map(str, t['seeds']))}); MoR - Avg RM paired by seed with its 95% interval", "",
+           "| K | setting | " + " | ".join(ms) + " | MoR - Avg RM |", "|---|---|" + "---|" * (len(ms) + 1)]
+    for row in t["K"]:
+        acc = [f"{100 * row['methods'][m]['overall']['mean']:.1f} +/- {100 * row['methods'][m]['overall']['std']:.1f}"
+               if m in row["methods"] else "n/a" for m in ms]
+        d = row.get("mor-avg_rm")
+        out.append(f"| {row['K']} | {row['setting']} | " + " | ".join(acc) + f" | {_ci(d) if d else 'n/a'} |")
+    out += ["", "Cost per GRPO step as K grows: seconds per step (mean over seeds; the reward call's part in "
+            "brackets), RM rows scored per step; router rounds and wall time (precompute + rounds); the GRPO "
+            "workers' peak memory and the K RMs' parameters", "",
+            "| K | " + " | ".join(f"{m} s/step [reward]" for m in ms) + " | " + " | ".join(f"{m} rows" for m in ms)
+            + " | router rounds, s | peak RSS MB | RM params MB |", "|---|" + "---|" * (2 * len(ms) + 3)]
+    for row in t["K"]:
+        x = row["methods"]
+        sec = [f"{x[m]['seconds_per_step']['mean']:.2f} [{x[m]['reward_seconds_per_step']['mean']:.2f}]"
+               if m in x and x[m].get("reward_seconds_per_step") else
+               cell(x.get(m, {}), "seconds_per_step", lambda v: f"{v['mean']:.2f}") for m in ms]
+        rows = [cell(x.get(m, {}), "rm_rows_per_step", lambda v: f"{v['mean']:.0f}") for m in ms]
+        rt = row.get("router")
+        rt = f"{rt['rounds']}, {rt['seconds']['precompute']:.0f} + {rt['seconds']['rounds']:.0f}" if rt else "n/a"
+        out.append(f"| {row['K']} | " + " | ".join(sec) + " | " + " | ".join(rows) + f" | {rt} "
+                   f"| {row['memory']['peak_rss_mb']:.0f} | {row['memory']['rm_params_mb']:.0f} |")
+    return out
+
+
+def many_clients_plot(t: dict, path) -> None:
+    """Accuracy and seconds per GRPO step against K, one line per method (the K table's numbers)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in MANY_METHODS.split(","):
+        pts = [(row["K"], row["methods"][m]) for row in t["K"] if m in row["methods"]]
+        if not pts:
+            continue
+        ks = [k for k, _ in pts]
+        a1.errorbar(ks, [100 * x["overall"]["mean"] for _, x in pts], yerr=[100 * x["overall"]["std"] for _, x in pts],
+                    marker="o", capsize=3, label=m)
+        if all(x.get("seconds_per_step") for _, x in pts):
+            a2.plot(ks, [x["seconds_per_step"]["mean"] for _, x in pts], marker="o", label=m)
+    ks = sorted({row["K"] for row in t["K"]})
+    a1.set(xlabel="K client RMs", ylabel="test accuracy (%)", title=f"accuracy (seeds {t['seeds']})", xticks=ks)
+    a2.set(xlabel="K client RMs", ylabel="seconds per GRPO step", title="step time", xticks=ks)
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
 # Claims of the paper (and of the issues' targets) against the paired numbers: (text, pair key,
 # margin). "holds" when the 95% interval of A - B lies above the margin.
 CLAIMS = [("MoR beats the plain average of the client RMs (Avg RM)", "mor-avg_rm", 0.0),
@@ -366,9 +479,15 @@ def results_markdown(r: dict) -> str:
             out += ["", "Change from the weak client, A's minus B's, paired by seed (accuracy points, 95% interval; "
                     ">= 0: A loses no more than B)", "", "| A - B | change difference | verdict |", "|---|---|---|"]
             out += [f"| {k.replace('-', ' - ')} | {_ci(e)} | {stats.verdict(e)} |" for k, e in diffs.items()]
+    out += many_clients_markdown(r.get("many_clients", {}))
     if "rm_pair_accuracy" in r:
+        # columns: the domains' experts' held-out pairs, then any other client's (a narrow client's
+        # pairs are its subset of a domain; a user client's its own task)
+        have = next(iter(r["rm_pair_accuracy"].values()))
+        cols = [c for c in doms + [k for k in have if k not in doms] if c in have]
         out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
-                "row = reward model, column = domain", "", matrix_markdown(r["rm_pair_accuracy"], doms)]
+                "row = reward model, column = the client whose held-out pairs (the domains' experts first)", "",
+                matrix_markdown(r["rm_pair_accuracy"], cols)]
     if r.get("own_task"):
         out += ["", "Own task (--prompts / --eval / --sft-data): the embedded benchmark's gates, chance and "
                 "blind rows are not computed" + ("" if "oracle" in r.get("methods", {}) else

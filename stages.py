@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -37,10 +38,10 @@ import provenance
 import reward
 import router
 from evaluate import JUDGES, evaluate, win_rate
-from pipeline import (BASE_FAMILY, PRETRAIN_IMAGES, SETTINGS, Run, weak_client, grpo_config, make_router, methods,
-                      policy_dir, set_seed, trained_methods, weight_sources)
-from report import (_chance, _mean_std, _moving_max, claims, gates, matrix_markdown, paired_comparisons, plots,
-                    results_markdown, router_markdown, weak_client_effect)
+from pipeline import (BASE_FAMILY, MANY, PRETRAIN_IMAGES, SETTINGS, Run, grpo_config, make_router, methods,
+                      policy_dir, set_seed, trained_methods, weak_client, weight_sources)
+from report import (_chance, _mean_std, _moving_max, claims, gates, many_clients, many_clients_plot, matrix_markdown,
+                    paired_comparisons, plots, results_markdown, router_markdown, weak_client_effect)
 from reward import train_sft
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
@@ -261,19 +262,43 @@ def routing_setup(run: Run, on_client=None) -> tuple[dict, torch.nn.Module, floa
     -> (clients {name: Client}, initial router, precompute seconds)."""
     a = run.args
     clients = run.clients()
-    ref, proc = models.load_vlm(run.dir / "base", device=run.device)
-    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
     t = time.time()
-    for c in Progress(clients.values(), desc="router: clients precompute features and RM scores"):
-        c.prepare_routing(ref, models.Encoder(proc), rms, a.router_pairs)
-        if on_client is not None:
-            on_client(c)
+    if a.workers > 1 and len(clients) > 2 and on_client is None:
+        # K clients x K RMs: the precompute grows as K^2 (the many-client settings). The clients
+        # are independent, so --workers processes share them, each loading the reference and the
+        # K RMs once; the largest clients go first.
+        order = sorted(clients, key=lambda k: -len(clients[k]._train))
+        shares = [order[i::a.workers] for i in range(a.workers)]
+        for done in in_workers(_routing_worker, [(a, names) for names in shares if names], a.workers):
+            for name, cache in done.items():
+                clients[name]._routing, clients[name]._routing_pairs = cache
+    else:
+        ref, proc = models.load_vlm(run.dir / "base", device=run.device)
+        rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
+        for c in Progress(clients.values(), desc="router: clients precompute features and RM scores"):
+            c.prepare_routing(ref, models.Encoder(proc), rms, a.router_pairs)
+            if on_client is not None:
+                on_client(c)
+        del ref, rms
     prep = time.time() - t
-    del ref, rms
     set_seed(a.seed)
     model = make_router(run)()
     model.set_feature_stats(*router.pooled_stats([c.feature_moments() for c in clients.values()]))
     return clients, model, prep
+
+
+def _routing_worker(job) -> tuple[str, dict]:
+    """Some clients' routing precompute in a worker: {client: (its cache, its pairs)}."""
+    args, names = job
+    run = Run(args)
+    clients = run.clients()
+    ref, proc = models.load_vlm(run.dir / "base", device=run.device)
+    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
+    t, out = time.time(), {}
+    for name in names:
+        clients[name].prepare_routing(ref, models.Encoder(proc), rms, args.router_pairs)
+        out[name] = (clients[name]._routing, clients[name]._routing_pairs)
+    return f"router: {', '.join(names)} precomputed features and {len(rms)} RM scores, {time.time() - t:.0f}s", out
 
 
 def stage_router(run: Run) -> None:
@@ -445,8 +470,13 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
             own = {d: k for k, d in enumerate(fed.clients) if d in fed.test}
             extra["routing_own_share"] = grpo.own_share(fn.log, own)
             atomic_write_text(tmp / "routing_log.jsonl", "".join(json.dumps(x) + "\n" for x in fn.log))
+        # memory with the K RMs loaded (issue of many clients): this worker's peak so far, and
+        # the RMs' own parameters
+        rms_mb = sum(p.numel() * p.element_size() for rm in cache.get("rms", []) for p in rm.parameters()) / 2 ** 20
+        memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "rm_params_mb": round(rms_mb, 1) if method != "oracle" else 0.0}
         atomic_write_json(tmp / "grpo_log.json", dict(log, **extra, rm_calls=getattr(fn, "calls", None),
-                                                      seconds=round(t_train, 1),
+                                                      seconds=round(t_train, 1), memory=memory,
                                                       config=vars(grpo_config(run))))
     w = min(10, len(log["reward"])) or 1
     return (f"grpo {method} seed {seed}: reward {sum(log['reward'][-w:]) / w:.3f}, "
@@ -506,6 +536,10 @@ def stage_eval(run: Run) -> None:
         # the bucket effect: the same methods and seeds without the weak client (the main table)
         without = json.loads(main_table.read_text()).get("methods", {})
         results["without_weak_client"], results["weak_client_effect"] = weak_client_effect(results, without)
+    if run.args.setting in MANY and "methods" in results:
+        # the federation as it grows: this K beside the smaller K's tables in the run directory
+        results["many_clients"] = many_clients(run.dir, run.args.setting, results)
+        many_clients_plot(results["many_clients"], run.dir / f"many-clients-{run.args.setting}.png")
     atomic_write_json(run.dir / "reference_correct.json", ref["correct"])
     atomic_write_json(run.output("eval"), results)
     plots(run)
@@ -544,6 +578,9 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             # routing (NTS) and single RMs pay 1; the oracle pays none
             ev["rm_rows_per_step"] = sum(log.get("rm_calls") or [0]) / max(len(log["reward"]), 1)
             ev["seconds_per_step"] = log.get("seconds", 0.0) / max(len(log["reward"]), 1)
+            # the reward call alone (what K changes) and the worker's memory with the RMs loaded
+            ev["reward_seconds_per_step"] = sum(log.get("reward_seconds") or [0.0]) / max(len(log["reward"]), 1)
+            ev["memory"] = log.get("memory", {})
             if "routing_own_share" in log:
                 ev["routing_own_share"] = log["routing_own_share"]
             if "nts" in log:  # the bandit's choices: arm counts per domain, final variance, feedback rate
@@ -561,6 +598,9 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "final_kl": _mean_std([e["final_kl"] for e in per_seed]),
             "rm_rows_per_step": _mean_std([e["rm_rows_per_step"] for e in per_seed]),
             "seconds_per_step": _mean_std([e["seconds_per_step"] for e in per_seed]),
+            "reward_seconds_per_step": _mean_std([e["reward_seconds_per_step"] for e in per_seed]),
+            "peak_rss_mb": max((e["memory"].get("peak_rss_mb", 0.0) for e in per_seed), default=0.0),
+            "rm_params_mb": max((e["memory"].get("rm_params_mb", 0.0) for e in per_seed), default=0.0),
             # per seed, in run.seeds(method) order: what the paired comparisons (stats.py) read
             "seeds": run.seeds(method),
             "per_seed": {"seeds": run.seeds(method),
