@@ -225,12 +225,11 @@ def score_routed(rms: list, need: torch.Tensor, images, prompts, responses, call
     RM did not score. One batched `score_unique` call per RM that has rows; an RM with none
     costs nothing. `calls[k]` counts the distinct rows RM k scored."""
     r = torch.full(need.shape, float("nan"))
-    for k, rm in enumerate(rms):
+    for k in need.any(0).nonzero().flatten().tolist():  # only the RMs some row is routed to
         idx = need[:, k].nonzero().squeeze(1).tolist()
-        if idx:
-            r[idx, k], n = score_unique(rm, [images[i] for i in idx], [prompts[i] for i in idx],
-                                        [responses[i] for i in idx])
-            calls[k] += n
+        r[idx, k], n = score_unique(rms[k], [images[i] for i in idx], [prompts[i] for i in idx],
+                                    [responses[i] for i in idx])
+        calls[k] += n
     return r
 
 

@@ -337,6 +337,7 @@ def many_clients_plot(t: dict, path) -> None:
     ks = sorted({row["K"] for row in t["K"]})
     a1.set(xlabel="K client RMs", ylabel="test accuracy (%)", title=f"accuracy (seeds {t['seeds']})", xticks=ks)
     a2.set(xlabel="K client RMs", ylabel="seconds per GRPO step", title="step time", xticks=ks)
+    a2.set_ylim(bottom=0)  # ratios, not differences, are the claim: the axis starts at zero
     a1.legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -484,10 +485,11 @@ def results_markdown(r: dict) -> str:
         # columns: the domains' experts' held-out pairs, then any other client's (a narrow client's
         # pairs are its subset of a domain; a user client's its own task)
         have = next(iter(r["rm_pair_accuracy"].values()))
-        cols = [c for c in doms + [k for k in have if k not in doms] if c in have]
+        order = doms + MANY.get(r.get("setting"), [])  # results.json sorts its keys: the federation's order
+        cols = [c for c in order if c in have] + sorted(k for k in have if k not in order)
         out += ["", f"Client reward models ({r.get('setting', '')} setting), held-out pair accuracy (%): "
                 "row = reward model, column = the client whose held-out pairs (the domains' experts first)", "",
-                matrix_markdown(r["rm_pair_accuracy"], cols)]
+                matrix_markdown(r["rm_pair_accuracy"], cols, corner="RM \\ pairs of")]
     if r.get("own_task"):
         out += ["", "Own task (--prompts / --eval / --sft-data): the embedded benchmark's gates, chance and "
                 "blind rows are not computed" + ("" if "oracle" in r.get("methods", {}) else

@@ -98,9 +98,10 @@ def test_same_seed_and_flags_give_the_same_results_json(tiny_run, tmp_path):
     assert mor.main(TINY_RUN + ["--run-dir", str(run2)]) == 0
     a, b = json.loads(json.dumps(tiny_run[1])), json.loads((run2 / "results.json").read_text())  # copies
     assert a.pop("wall_seconds").keys() == b.pop("wall_seconds").keys()
-    for r in (a, b):  # wall-clock seconds per GRPO step are timings, not results
+    for r in (a, b):  # wall-clock seconds per GRPO step and a worker's peak memory are not results
         for m in r["methods"].values():
             assert m.pop("seconds_per_step")["mean"] > 0
+            assert m.pop("reward_seconds_per_step")["mean"] >= 0 and m.pop("peak_rss_mb") > 0
     assert a == b
     # and the artifacts behind it: the router and a policy, bit for bit
     from safetensors.torch import load_file
@@ -419,3 +420,33 @@ def test_weak_client_effect_is_paired_on_the_common_seeds():
                                                   "malformed_share": {"mean": 0}, "final_kl": {"mean": 0.1}}
                                               for k, v in res["methods"].items()}})
     assert "| mor - avg_rm | +4.0 [" in md and "`weak`" in md
+
+
+@pytest.mark.slow
+def test_many_clients_setting_joins_the_k3_run(tiny_run, tmp_path):
+    """--setting many6 in a finished K = 3 run directory: the experts' RMs are kept, the three
+    narrow clients train theirs, the router precompute is shared by two workers, and
+    results-many6.md sets K = 3 and K = 6 side by side on their common seed."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    head = run / "clients" / "color" / "reward-llava_onevision" / "head.safetensors"
+    stamp = head.stat().st_mtime_ns
+    assert mor.main(TINY_RUN + ["--methods", "mor,mor_nts,mor_hard", "--setting", "many6", "--run-dir", str(run)]) == 0
+    assert head.stat().st_mtime_ns == stamp  # trained once for every K
+    for name in pipeline.MANY["many6"]:
+        fam = pipeline.SETTINGS["many6"][name]
+        assert (run / "clients" / name / f"reward-{fam}" / "head.safetensors").exists()
+    r = json.loads((run / "results-many6.json").read_text())
+    names = [*data.DOMAINS, *pipeline.MANY["many6"]]
+    m = r["rm_pair_accuracy"]
+    assert set(m) == set(names) and all(set(v) == set(names) for v in m.values())
+    assert json.loads((run / "router-many6.json").read_text())["rms"] == names
+    t = r["many_clients"]
+    assert t["seeds"] == [0] and [(x["setting"], x["K"]) for x in t["K"]] == [("heterogeneous", 3), ("many6", 6)]
+    assert set(t["K"][0]["methods"]) == {"mor", "mor_nts"}
+    assert set(t["K"][1]["methods"]) == {"mor", "mor_nts", "mor_hard"}
+    hard = r["methods"]["mor_hard"]
+    assert hard["rm_rows_per_step"]["mean"] <= 6 * 4 and hard["peak_rss_mb"] > 0 and hard["rm_params_mb"] > 0
+    md = (run / "results-many6.md").read_text()
+    assert "Many clients" in md and "| 6 | many6 |" in md and "| red_brown |" in md
+    assert (run / "many-clients-many6.png").exists()
