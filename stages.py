@@ -170,8 +170,9 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
     atomic_write_json(run.output("reward"), {"setting": a.setting, "rm_pair_accuracy": matrix,
                                              "families": {k: run.family(k) for k in clients},
                                              "n_pairs": {k: c.n for k, c in clients.items()}})
-    print(f"\nHeld-out pair accuracy (%), {a.setting} setting: row = reward model, column = domain\n")
-    print(matrix_markdown(matrix))
+    print(f"\nHeld-out pair accuracy (%), {a.setting} setting: row = reward model, column = the client "
+          "whose held-out pairs\n")
+    print(matrix_markdown(matrix, corner="RM \\ pairs of"))
     return times
 
 
