@@ -101,6 +101,9 @@ MANY = {"many6": list(NARROW)[:3], "many12": list(NARROW)}  # setting -> its nar
 for _s, _names in MANY.items():
     SETTINGS[_s] = dict(SETTINGS["heterogeneous"], **{n: SETTINGS["heterogeneous"][NARROW[n][0]] for n in _names})
 MANY_METHODS = "mor,mor_nts,mor_hard,avg_rm,weighted_rm"  # what the many-client settings compare
+# The federation as it grows, smallest K first: (setting, its results file). A many-client table
+# reads only the smaller K's (results-many12 reads K = 3 and 6), so no two evaluations read each other.
+MANY_K = [("heterogeneous", "results.json"), *((s, f"results-{s}.json") for s in MANY)]
 NARROW_MIN_STEPS = 30  # a narrow client's RM recipe, scaled to its data, never shorter than this
 WEAK_FLIP = 0.5  # noisy: share of its preferences reversed
 WEAK_QUESTIONS = 240  # weak: its clean questions (an expert holds 1,000-1,500 of its one domain)
@@ -307,16 +310,15 @@ class Run:
                 # a weak-client table sets each method beside the main table's
                 "main_table": (provenance.file_digest(self.dir / "results.json")
                                if weak_client(self.args.setting) and (self.dir / "results.json").exists() else None),
-                # a many-client table sets itself beside the smaller K's (report.MANY_K)
+                # a many-client table sets itself beside the smaller K's (MANY_K)
                 "smaller_k": {f: provenance.file_digest(self.dir / f) for f in self.smaller_k_tables()}}
 
     def smaller_k_tables(self) -> list[str]:
         """The results files of the smaller federations a many-client evaluation reads."""
-        order = ["results.json", *(f"results-{s}.json" for s in MANY)]
         if self.args.setting not in MANY:
             return []
-        mine = order.index(f"results-{self.args.setting}.json")
-        return [f for f in order[:mine] if (self.dir / f).exists()]
+        mine = [s for s, _ in MANY_K].index(self.args.setting)
+        return [f for _, f in MANY_K[:mine] if (self.dir / f).exists()]
 
     def fresh(self, output: Path, inputs: dict, what: str) -> bool:
         """True when `output` exists and was made from `inputs`; else False, with one line saying

@@ -11,7 +11,7 @@ import json
 
 import data
 import stats
-from pipeline import MANY, MANY_METHODS, WEAK_CLIENTS, Run, policy_dir, trained_methods
+from pipeline import MANY, MANY_K, MANY_METHODS, WEAK_CLIENTS, Run, policy_dir, trained_methods
 from safe_io import atomic_savefig
 
 
@@ -37,16 +37,24 @@ def router_markdown(s: dict) -> str:
     return "\n".join(out)
 
 
-def plots(run: Run) -> None:
-    """grpo-<setting>.png: reward and on-the-fly sampled accuracy over GRPO steps per method
-    (10-step moving average, seeds averaged); routing-share-<setting>.png: hard routing's
-    own-domain share per step; routing-<setting>.png: the router's mean weight per (domain, RM).
-    matplotlib is a requirement, but a stripped environment without it prints one line."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plots(run: Run) -> None:
+    """grpo-<setting>.png: reward and on-the-fly sampled accuracy over GRPO steps per method
+    (10-step moving average, seeds averaged); routing-share-<setting>.png: hard routing's
+    own-domain share per step; routing-<setting>.png: the router's mean weight per (domain, RM).
+    matplotlib is a requirement, but a stripped environment without it prints one line."""
+    plt = _pyplot()
+    if plt is None:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
     setting = run.args.setting
@@ -230,11 +238,6 @@ def weak_client_effect(results: dict, without: dict) -> tuple[dict, dict]:
     return {"without": out, "with": with_}, effect
 
 
-# The federation as it grows (pipeline.MANY): each K's table in the run directory. A table reads
-# only the smaller K's (results-many12 reads K = 3 and 6), so no two evaluations read each other.
-MANY_K = [("heterogeneous", "results.json"), *((s, f"results-{s}.json") for s in MANY)]
-
-
 def many_clients(run_dir, setting: str, results: dict) -> dict:
     """{"seeds": the GRPO seeds every K's table ran, "K": [{setting, K, methods: {m: {overall
     {mean, std}, seconds_per_step, reward_seconds_per_step, rm_rows_per_step}}, "mor-avg_rm":
@@ -318,11 +321,8 @@ def many_clients_markdown(t: dict) -> list[str]:
 
 def many_clients_plot(t: dict, path) -> None:
     """Accuracy and seconds per GRPO step against K, one line per method (the K table's numbers)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:  # plots() says so, once
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for m in MANY_METHODS.split(","):
