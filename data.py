@@ -503,6 +503,20 @@ def blind_baseline(train: list[Example], test: dict[str, list[Example]]) -> dict
 EXPORT_FORMAT = "mor-benchmark-export/1"
 
 
+def examples_from_rows(rows: list[dict]) -> list:
+    """`load_jsonl` rows of kind 'prompts', 'eval' or 'sft' -> `Example`s, in file order.
+    A row without a domain gets 'all'; without an answer (a prompt pool) None; without an
+    image_id its image path."""
+    return [Example(r["image"], r["prompt"], r.get("answer"), r.get("domain", "all"), r.get("image_id", r["image"]))
+            for r in rows]
+
+
+def pairs_from_rows(rows: list[dict], domain: str = "") -> list:
+    """`load_jsonl` rows of kind 'pairs' -> `Pair`s, in file order; a row's own 'domain'
+    field wins over `domain` (a user client passes its name)."""
+    return [Pair(r["image"], r["prompt"], r["chosen"], r["rejected"], r.get("domain", domain)) for r in rows]
+
+
 def by_domain(examples: list[Example]) -> dict[str, list[Example]]:
     """{domain: its examples}, domains in order of first appearance (an eval file -> `Federation.test`)."""
     out: dict[str, list[Example]] = {}
@@ -527,7 +541,7 @@ def export_benchmark(out_dir, seed: int = 0, test_per_domain: int | None = None,
       manifest.json         format, seed, test_per_domain, rows per file
 
     Every row also carries the easy-VQA image_id. Loading the files back (`safe_io.load_jsonl`,
-    then `safe_io.examples` / `safe_io.pairs`) gives the Examples and Pairs of the embedded path
+    then `examples_from_rows` / `pairs_from_rows`) gives the Examples and Pairs of the embedded path
     in the same order with the same strings; only `image` differs, a path to a byte-identical
     copy. max_rows: only the first rows of each file (for tests); federation: the result of
     `build_federation(seed, test_per_domain=test_per_domain)` when the caller has it already.

@@ -49,12 +49,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from progress import Progress
-
 import data
 import models
 import reward
 import router as routing
+import safe_io
+from models import Progress
 
 
 def fedavg(state_dicts: list[dict[str, torch.Tensor]], num_examples: list[int]) -> dict[str, torch.Tensor]:
@@ -466,7 +466,7 @@ def check_upload(upload, server_state: dict[str, torch.Tensor]) -> str | None:
         state, n, loss = upload
     except (TypeError, ValueError):
         return "upload is not (state dict, n_k, loss)"
-    why = routing.state_problem(state, server_state)  # keys, shapes, finite values
+    why = safe_io.state_problem(state, server_state)  # keys, shapes, finite values
     if why:
         return why
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:

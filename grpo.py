@@ -32,12 +32,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from progress import Progress
-
 import data
 import models
 import nts
 import router
+from models import Progress
 
 # ----------------------------------------------------------------------------------------------
 # E5: the three pieces, exactly as the equations

@@ -21,13 +21,17 @@ import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
-from data import CAPTION_WORDS, EOS, POSITION_TEMPLATES, POSITIONS, _easy_vqa_raw, bounded_size, image_budget, load_image
+import safe_io
+from data import (CAPTION_WORDS, EOS, POSITION_TEMPLATES, POSITIONS, _easy_vqa_raw, bounded_size, image_budget,
+                  load_image)
 
 # ----------------------------------------------------------------------------------------------
 # 4. Tokenizer and tiny checkpoints
@@ -201,65 +205,6 @@ def _build_processor(family: str, tok, s: dict):
                                       vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1")
 
 
-def _read_json(f: Path) -> dict:
-    """A JSON object from a checkpoint's config file; errors are one line naming the file."""
-    try:
-        obj = json.loads(f.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{f}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{f}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-# The configs that can ask for remote code (auto_map); tokenizer.json cannot.
-_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
-            "video_preprocessor_config.json")
-
-
-def _refuse_unsafe_dir(path: str) -> None:
-    """A checkpoint directory is an upload from outside: only safetensors weights, no code."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    bad = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".py", ".ckpt")]
-    if bad:
-        raise ValueError(f"{path}: refusing to load {', '.join(sorted(bad))}: only safetensors weights "
-                         "and JSON configs are accepted (no pickle, no remote code)")
-    if not any(f.suffix == ".safetensors" for f in p.iterdir()):
-        raise ValueError(f"{path}: no .safetensors weights found")
-    for name in _CONFIGS:
-        if (p / name).is_file() and "auto_map" in _read_json(p / name):
-            raise ValueError(f"{p / name}: asks for remote code (auto_map); refused")
-
-
-def _check_safetensors(p: Path) -> None:
-    """Each .safetensors file's header, read without the weights: a truncated download or a
-    file that is not safetensors fails here, not minutes later in from_pretrained."""
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set((_read_json(index).get("weight_map") or {}).values())
-        missing = sorted(s for s in shards if not (p / s).is_file())
-        if missing:
-            raise ValueError(f"{index}: names shard(s) that are not there: {', '.join(missing)}")
-    for f in sorted(p.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if size - 8 < n < 100 << 20:  # a plausible header, cut short
-                raise ValueError(f"{f}: truncated ({size} bytes, shorter than its header); download it again")
-            try:  # bytes 0-7: the header's length; then the JSON header; then the tensors
-                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
-                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-            except Exception:  # not JSON, not a dict, entries without data_offsets
-                raise ValueError(f"{f}: not a safetensors file (unreadable header)") from None
-        if 8 + n + end > size:
-            raise ValueError(f"{f}: truncated ({size} bytes, the header says {8 + n + end}); download it again")
-
-
 def context_length(config_or_dir) -> int:
     """max_position_embeddings of a checkpoint: of its text model for a VLM (text_config),
     else the top level. Takes a checkpoint directory, a config.json path, a config dict or a
@@ -268,7 +213,7 @@ def context_length(config_or_dir) -> int:
     if isinstance(config_or_dir, (str, os.PathLike)):
         f = Path(config_or_dir)
         f = f / "config.json" if f.is_dir() else f
-        cfg, where = _read_json(f), str(f)
+        cfg, where = safe_io.read_json(f), str(f)
     elif isinstance(config_or_dir, dict):
         cfg = config_or_dir
     else:
@@ -293,13 +238,13 @@ def check_model_dir(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
-    _refuse_unsafe_dir(str(p))
-    raw = _read_json(p / "config.json")
+    safe_io.refuse_unsafe_dir(str(p))
+    raw = safe_io.read_json(p / "config.json")
     mtype = raw.get("model_type")
     if mtype not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ValueError(f"{p / 'config.json'}: model_type {mtype!r} is not an image-text-to-text model "
                          "this transformers knows; mor needs a chat VLM (Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision)")
-    _check_safetensors(p)
+    safe_io.check_safetensors(p)
     n_ctx = context_length(raw)
     try:
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
@@ -335,8 +280,8 @@ def load_vlm(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = str(path)
-    _refuse_unsafe_dir(path)
-    _check_safetensors(Path(path))
+    safe_io.refuse_unsafe_dir(path)
+    safe_io.check_safetensors(Path(path))
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
@@ -616,3 +561,60 @@ def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, desc: s
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     opt.step()
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress of long loops
+# ----------------------------------------------------------------------------------------------
+#Progress of long loops: a tqdm bar on a terminal, plain lines in a log or a worker process.
+#
+#Every training and evaluation loop reports through `Progress` (a tqdm) with the figures that
+#matter set as its postfix (loss, reward, KL, accuracy). On a terminal it is an ordinary live bar.
+#When stderr is not a terminal (`bash train.sh > log`), or inside a worker process where two jobs
+#would overwrite one bar line, it prints one full line every `PLAIN_INTERVAL` seconds and at the
+#end, prefixed by the job's name, so a log shows every job moving.
+#
+#Importing this module also silences transformers' own per-load bars ("Loading weights", "Writing
+#model shards"): one per checkpoint load, dozens per run, none of them informative.
+
+
+
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+PLAIN_INTERVAL = 30.0  # seconds between two plain progress lines of one loop
+PLAIN_ENV = "MOR_PLAIN_PROGRESS"  # set to 1 in worker processes (stages.in_workers)
+
+
+def plain() -> bool:
+    return os.environ.get(PLAIN_ENV) == "1" or not sys.stderr.isatty()
+
+
+class Progress(tqdm):
+    """tqdm that degrades to periodic plain lines (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        self._plain = plain()
+        self._printed = -1.0  # when the last plain line was printed (tqdm's clock)
+        self._closing = False
+        if self._plain:
+            kwargs["disable"] = False
+            kwargs.setdefault("ascii", True)
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if not self._plain:
+            return super().display(msg, pos)
+        # refresh() runs on every update and postfix change: print only every PLAIN_INTERVAL
+        # seconds of progress, and the final state when the loop closes
+        now = self._time()
+        if self.n == 0 or not (self._closing or now - max(self._printed, self.start_t) >= PLAIN_INTERVAL):
+            return True
+        self._printed = now
+        print((msg or self.format_meter(**self.format_dict)).strip(), file=sys.stderr, flush=True)
+        return True
+
+    def close(self):
+        self._closing = True
+        super().close()

@@ -2,9 +2,9 @@
 
   python mor.py [--quick] [--run-dir runs/default] [--stages base,sft,...] [--full]
 
-runs the stages of stages.py in order (base, sft, reward, router, grpo, eval) into one run
+runs the stages of harness/stages.py in order (base, sft, reward, router, grpo, eval) into one run
 directory. Every flag is range-checked and every user file read before any work starts. Each stage
-writes its outputs atomically with the inputs that made them (provenance.py): a killed run resumes
+writes its outputs atomically with the inputs that made them (harness/provenance.py): a killed run resumes
 at the first missing output, and a rerun with other flags, clients or data redoes exactly what they
 change. `python mor.py --help` lists every flag; docs/method.md has the method.
 """
@@ -29,12 +29,12 @@ import models
 import nts
 import router
 import safe_io
-from evaluate import JUDGES
-from pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, SETTINGS, STAGE_OUTPUT,
-                      USER_FAMILY, Run, methods)
-from report import results_markdown
+from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, SETTINGS, STAGE_OUTPUT,
+                              USER_FAMILY, Run, methods)
+from harness.report import results_markdown
+from harness.stages import STAGES, preflight
+from judge import JUDGES
 from safe_io import atomic_write_json, atomic_write_text
-from stages import STAGES, preflight
 
 # The stages whose outputs each stage reads.
 UPSTREAM = {"base": [], "sft": ["base"], "reward": ["base"], "router": ["sft", "reward"],
@@ -82,7 +82,7 @@ def parse_args(argv=None):
                         "clients of --client-data)")
     p.add_argument("--full", action="store_true",
                    help="the main table, then the homogeneous setting, then the bucket and noisy settings "
-                        f"({BUCKET_METHODS}), then many6 and many12 ({MANY_METHODS}), then FedVPA-GP's table (vpa.py)")
+                        f"({BUCKET_METHODS}), then many6 and many12 ({MANY_METHODS}), then FedVPA-GP's table (experiments/fedvpa_table.py)")
     # -- your own task: the server-side data that replaces the embedded benchmark's ------------
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="your own GRPO prompt pool: JSONL with image, prompt (optional: domain, answer; "
@@ -94,7 +94,7 @@ def parse_args(argv=None):
                         "answer (optional: domain)")
     p.add_argument("--judge", choices=sorted(JUDGES), default="exact",
                    help="E9's judge: exact (one well-formed word equal to the answer) or contains (the "
-                        "answer's words appear in order in the response); see evaluate.py")
+                        "answer's words appear in order in the response); see judge.py")
     p.add_argument("--max-new-tokens", type=int, default=4,
                    help="tokens a policy may write per answer, in GRPO and in evaluation (default %(default)s: "
                         "the benchmark's one-word answers)")
@@ -300,15 +300,15 @@ def main(argv=None) -> int:
             main([*argv, "--setting", setting, *(extra if a.methods is None else [])])
         # FedVPA-GP's table (docs/vpa.md) on the same reference: 5 training seeds, ~13 min on
         # one thread. Kept when its results are newer than the base they were computed on.
-        import vpa
+        from experiments import fedvpa_table as vpa
 
         res, base = Path(a.run_dir) / "vpa-results.json", Path(a.run_dir) / "base"
         if a.quick:
-            print("=== --full --quick: FedVPA-GP's table skipped (13 min; run python vpa.py) ===", flush=True)
+            print("=== --full --quick: FedVPA-GP's table skipped (13 min; run python -m experiments.fedvpa_table) ===", flush=True)
         elif not base.exists():
             print(f"=== --full: FedVPA-GP needs {base}, which is missing; skipped ===", flush=True)
         elif a.force or not res.exists() or res.stat().st_mtime < base.stat().st_mtime:
-            print("=== --full: FedVPA-GP (vpa.py) ===", flush=True)
+            print("=== --full: FedVPA-GP (experiments/fedvpa_table.py) ===", flush=True)
             vpa.pipeline_step(a.run_dir)
         else:
             print(f"=== --full: FedVPA-GP: {res} is newer than the base, kept ===", flush=True)
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     except safe_io.DataError as e:  # bad user data: one line naming file:line and the field
         raise SystemExit(f"error: {e}") from None
     names = a.stages.split(",")
-    # A stage runs when --force names it or its output is missing or stale (provenance.py): made
+    # A stage runs when --force names it or its output is missing or stale (harness/provenance.py): made
     # from other flags, another client set or other data than this invocation asks for.
     pending = [n for n in names if a.force or not run.stage_fresh(n)]
     for name in pending:  # a stage never reads a stale upstream output that this run will not redo

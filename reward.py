@@ -34,10 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from progress import Progress
-
 import data
 import models
+from models import Progress
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -175,7 +174,7 @@ class RewardModel(nn.Module):
         for need in ("backbone", "head.safetensors", "reward.json"):
             if not (path / need).exists():
                 raise FileNotFoundError(f"{path}: not a reward-model directory (missing {need})")
-        # provenance.json: what made the upload (provenance.py), a JSON record read by no loader
+        # provenance.json: what made the upload (harness/provenance.py), a JSON record read by no loader
         allowed = ("backbone", "head.safetensors", "reward.json", "provenance.json")
         stray = [f.name for f in path.iterdir() if f.name not in allowed]
         if stray:

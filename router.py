@@ -101,54 +101,6 @@ class Router(nn.Module):
         return F.softmax(self(e), dim=-1)
 
 
-def load_state(path, model: Router) -> dict[str, torch.Tensor]:
-    """The router weights in `path`, checked against `model` (built for this federation's D and
-    K) before anything is loaded: a router file is an upload like an RM. safetensors only (a
-    pickle is never unpickled), exactly the model's keys, the model's shapes, finite values.
-    A router trained for K' != K reward models is refused with both numbers."""
-    from pathlib import Path
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: router weights must be a .safetensors file; refused")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: router weights not found (run the router stage)")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:  # a pickle renamed .safetensors lands here
-        raise ValueError(f"{path}: not a valid safetensors file ({e}); refused") from None
-    want = model.state_dict()
-    last = "net.2.weight"  # [K, hidden]: its rows are the K reward models
-    if last in state and last in want and state[last].shape[0] != want[last].shape[0]:
-        raise ValueError(f"{path}: router has {state[last].shape[0]} outputs but the federation has "
-                         f"{want[last].shape[0]} reward models (K mismatch); retrain the router")
-    why = state_problem(state, want)
-    if why:
-        raise ValueError(f"{path}: {why}; refused")
-    return state
-
-
-def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
-    """What is wrong with router weights `state` against the expected `want`, or None: exactly
-    want's keys, tensors of want's shapes, finite floats. Shared by the router file check above
-    and the server's check of every round upload (federated.check_upload)."""
-    if not isinstance(state, dict):
-        return f"state is a {type(state).__name__}, not a dict of tensors"
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        return f"wrong keys (missing {missing}, unexpected {extra})"
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            return f"'{k}' is a {type(v).__name__}, not a tensor"
-        if v.shape != want[k].shape:
-            return f"'{k}' has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}"
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            return f"'{k}' holds NaN/inf"
-    return None
-
-
 def pooled_stats(moments: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coordinate mean and std [D] of the union of the clients' features, from each client's
     (count, sum [D], sum of squares [D]): no feature vector leaves a client."""

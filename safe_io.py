@@ -19,6 +19,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
@@ -144,28 +145,124 @@ def load_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
     return rows
 
 
-def examples(rows: list[dict]) -> list:
-    """`load_jsonl` rows of kind 'prompts', 'eval' or 'sft' -> `data.Example`s, in file order.
-    A row without a domain gets 'all'; without an answer (a prompt pool) None; without an
-    image_id its image path."""
-    from data import Example  # here, not at the top: data.py imports this module
-
-    return [Example(r["image"], r["prompt"], r.get("answer"), r.get("domain", "all"), r.get("image_id", r["image"]))
-            for r in rows]
+# ----------------------------------------------------------------------------------------------
+# Uploads from outside: checkpoint directories and router weights (safetensors only, no code)
+# ----------------------------------------------------------------------------------------------
 
 
-def pairs(rows: list[dict], domain: str = "") -> list:
-    """`load_jsonl` rows of kind 'pairs' -> `data.Pair`s, in file order; a row's own 'domain'
-    field wins over `domain` (a user client passes its name)."""
-    from data import Pair
+def read_json(f: Path) -> dict:
+    """A JSON object from a checkpoint's config file; errors are one line naming the file."""
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{f}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
-    return [Pair(r["image"], r["prompt"], r["chosen"], r["rejected"], r.get("domain", domain)) for r in rows]
+
+# The configs that can ask for remote code (auto_map); tokenizer.json cannot.
+_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+            "video_preprocessor_config.json")
+
+
+def refuse_unsafe_dir(path: str) -> None:
+    """A checkpoint directory is an upload from outside: only safetensors weights, no code."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    bad = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".py", ".ckpt")]
+    if bad:
+        raise ValueError(f"{path}: refusing to load {', '.join(sorted(bad))}: only safetensors weights "
+                         "and JSON configs are accepted (no pickle, no remote code)")
+    if not any(f.suffix == ".safetensors" for f in p.iterdir()):
+        raise ValueError(f"{path}: no .safetensors weights found")
+    for name in _CONFIGS:
+        if (p / name).is_file() and "auto_map" in read_json(p / name):
+            raise ValueError(f"{p / name}: asks for remote code (auto_map); refused")
+
+
+def check_safetensors(p: Path) -> None:
+    """Each .safetensors file's header, read without the weights: a truncated download or a
+    file that is not safetensors fails here, not minutes later in from_pretrained."""
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set((read_json(index).get("weight_map") or {}).values())
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise ValueError(f"{index}: names shard(s) that are not there: {', '.join(missing)}")
+    for f in sorted(p.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if size - 8 < n < 100 << 20:  # a plausible header, cut short
+                raise ValueError(f"{f}: truncated ({size} bytes, shorter than its header); download it again")
+            try:  # bytes 0-7: the header's length; then the JSON header; then the tensors
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            except Exception:  # not JSON, not a dict, entries without data_offsets
+                raise ValueError(f"{f}: not a safetensors file (unreadable header)") from None
+        if 8 + n + end > size:
+            raise ValueError(f"{f}: truncated ({size} bytes, the header says {8 + n + end}); download it again")
+
+
+def load_router_state(path, model) -> dict[str, torch.Tensor]:
+    """The router weights in `path`, checked against `model` (built for this federation's D and
+    K) before anything is loaded: a router file is an upload like an RM. safetensors only (a
+    pickle is never unpickled), exactly the model's keys, the model's shapes, finite values.
+    A router trained for K' != K reward models is refused with both numbers."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: router weights must be a .safetensors file; refused")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: router weights not found (run the router stage)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:  # a pickle renamed .safetensors lands here
+        raise ValueError(f"{path}: not a valid safetensors file ({e}); refused") from None
+    want = model.state_dict()
+    last = "net.2.weight"  # [K, hidden]: its rows are the K reward models
+    if last in state and last in want and state[last].shape[0] != want[last].shape[0]:
+        raise ValueError(f"{path}: router has {state[last].shape[0]} outputs but the federation has "
+                         f"{want[last].shape[0]} reward models (K mismatch); retrain the router")
+    why = state_problem(state, want)
+    if why:
+        raise ValueError(f"{path}: {why}; refused")
+    return state
+
+
+def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with router weights `state` against the expected `want`, or None: exactly
+    want's keys, tensors of want's shapes, finite floats. Shared by the router file check above
+    and the server's check of every round upload (federated.check_upload)."""
+    if not isinstance(state, dict):
+        return f"state is a {type(state).__name__}, not a dict of tensors"
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        return f"wrong keys (missing {missing}, unexpected {extra})"
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            return f"'{k}' is a {type(v).__name__}, not a tensor"
+        if v.shape != want[k].shape:
+            return f"'{k}' has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}"
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            return f"'{k}' holds NaN/inf"
+    return None
+
 
 
 # ----------------------------------------------------------------------------------------------
 # 8. Crash-safe writes: beside the target, then a rename (atomic on POSIX). A killed run leaves
 #    the previous good state or nothing, never half a file. Here rather than in mor.py because
-#    the Flower apps (flower_fed.py) ship this module to the sites and write the same way.
+#    the Flower apps (federation/flower_fed.py) ship this module to the sites and write the same way.
 # ----------------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ if [ -z "$PY" ]; then
   fi
 fi
 
-# Optional: Flower (requirements-flower.txt) for flower_fed.py and tests/test_flower.py; CI sets
+# Optional: Flower (requirements-flower.txt) for federation/flower_fed.py and tests/test_flower.py; CI sets
 # MOR_FLOWER=1 so those tests run there (without flwr they are skipped with the reason).
 if [ "${MOR_FLOWER:-0}" = "1" ] && ! "$PY" -c "import flwr" 2>/dev/null; then
   echo "[setup] installing requirements-flower.txt (about 20-30 s, once)" >&2

@@ -1,9 +1,9 @@
-"""The TRL side of bench_grpo.py: seconds per GRPO optimizer step of TRL's GRPOTrainer on CPU.
+"""The TRL side of bench/grpo_vs_trl.py: seconds per GRPO optimizer step of TRL's GRPOTrainer on CPU.
 
 What is measured. TRL's GRPOTrainer trains a Qwen2-VL checkpoint (--model-dir: the project's tiny
-base, so both sides run the same model) on the prompts of --prompts (bench_grpo.py writes the
+base, so both sides run the same model) on the prompts of --prompts (bench/grpo_vs_trl.py writes the
 federation's GRPO prompt pool there: image path, question, gold answer). One optimizer step is the
-same work definition as bench_grpo.py's:
+same work definition as bench/grpo_vs_trl.py's:
 
   16 prompts x G = 8 -> 128 completions per step, one generation per optimizer step, 4 new tokens,
   temperature 1.0 (top_p 1, top_k 0), beta 0.04 (k3 KL to the frozen reference, loaded by TRL from
@@ -12,7 +12,7 @@ same work definition as bench_grpo.py's:
   eps 1e-8, wd 0), global grad-norm clip 1.0, fp32 on CPU, no vLLM, no activation checkpointing.
 
 Reported per step: `loop_wall` (on_step_end -> on_step_end: dataloader, image decode and logging
-included; this is what bench_grpo.py compares), `step_wall` (on_step_begin -> on_step_end), and a
+included; this is what bench/grpo_vs_trl.py compares), `step_wall` (on_step_begin -> on_step_end), and a
 phase split timed by this harness. TRL itself logs only the whole `training_step` time; its
 per-phase timers go to wandb/mlflow/trackio only, so the phases are timed here by wrapping the
 trainer's own methods in a subclass, without changing what they do:
@@ -29,7 +29,7 @@ The reward is 1.0 if the completion's first word equals the gold answer (case-in
 costs < 1 ms a step and exists so that the advantages are not all zero.
 
 Pinned to the versions of bench/requirements.txt: the phase timers hook private GRPOTrainer
-methods, which a TRL release may rename (checked at start). Usually run by bench_grpo.py; alone:
+methods, which a TRL release may rename (checked at start). Usually run by bench/grpo_vs_trl.py; alone:
 
   bench/.venv/bin/python bench/trl_grpo_bench.py --model-dir runs/default/base \\
       --prompts PROMPTS.jsonl --steps 20 --warmup 3 --threads 1 --output-dir /tmp/trl_grpo

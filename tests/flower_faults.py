@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-import flower_app
+from federation import flower_app
 
 FAULTS = ("sleep", "exit", "raise", "bad-keys", "bad-shape", "nan")
 

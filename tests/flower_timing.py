@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-
-import flower_fed  # noqa: E402
-import flower_local  # noqa: E402
 from test_flower import _federation  # noqa: E402
+
+from federation import flower_fed  # noqa: E402
+from federation import flower_local  # noqa: E402
 
 
 def _lines(path: Path) -> list[dict]:

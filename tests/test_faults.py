@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-import models
 import grpo
+import models
 import mor
-import pipeline
-import safe_io
 import reward
+import safe_io
+from harness import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

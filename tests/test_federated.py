@@ -89,8 +89,7 @@ import time  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import router  # noqa: E402
-from federated import (RULES, aggregate, cross_scores, crossval_keep, drop_rm, join_rm,  # noqa: E402
-                       run_rounds)
+from federated import RULES, aggregate, cross_scores, crossval_keep, drop_rm, join_rm, run_rounds  # noqa: E402
 
 
 def test_aggregation_rules_on_hand_values():

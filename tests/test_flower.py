@@ -1,4 +1,4 @@
-"""The router's FedAvg over Flower (flower_app.py, flower_fed.py): same numbers as
+"""The router's FedAvg over Flower (federation/flower_app.py, federation/flower_fed.py): same numbers as
 federated.run_rounds, drop-outs, rejected replies. Synthetic routing caches (random tensors, D=16,
 K=3, a few hundred pairs): no VLM.
 
@@ -19,15 +19,15 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="Flower is optional: pip install -r requirements-flower.txt")
 
+import flower_faults  # noqa: E402
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import federated  # noqa: E402
-import flower_app  # noqa: E402
-import flower_faults  # noqa: E402
-import flower_fed  # noqa: E402
 import router as routing  # noqa: E402
+from federation import flower_app  # noqa: E402
+from federation import flower_fed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 D, K, HIDDEN = 16, 3, 32
@@ -269,8 +269,7 @@ def test_server_loop_drops_silent_and_corrupt_clients_and_enforces_min_clients(t
 def test_prepare_writes_out_what_routing_setup_computes(tmp_path, monkeypatch):
     """prepare is stages.routing_setup with a cache written per client as its precompute finishes
     (on_client), then the initial router and the manifest with mor.py's router sizes."""
-    import pipeline
-    import stages
+    from harness import pipeline, stages
     run_dir, written = tmp_path / "run", []
     for need in [run_dir / "base", *(run_dir / "clients" / k / f"reward-{fam}"
                                      for k, fam in pipeline.SETTINGS["heterogeneous"].items())]:
@@ -302,16 +301,16 @@ def test_prepare_writes_out_what_routing_setup_computes(tmp_path, monkeypatch):
 def test_write_app_ships_another_client_app(tmp_path):
     """The launcher's generic hook: any ClientApp ("module:attribute") with its module shipped."""
     app = flower_fed.write_app(tmp_path / "app", "flower_faults:app", [flower_faults.__file__])
-    shipped = {p.name for p in app.glob("*.py")}
-    assert {"flower_app.py", "flower_faults.py", "federated.py", "router.py", "safe_io.py"} <= shipped
-    assert "flower_fed.py" not in shipped  # one-way: the apps never import the launcher
+    shipped = {p.relative_to(app).as_posix() for p in app.rglob("*.py")}
+    assert {"federation/flower_app.py", "flower_faults.py", "federated.py", "router.py", "safe_io.py"} <= shipped
+    assert "federation/flower_fed.py" not in shipped  # one-way: the apps never import the launcher
     text = (app / "pyproject.toml").read_text()
-    assert 'clientapp = "flower_faults:app"' in text and 'serverapp = "flower_app:server_app"' in text
+    assert 'clientapp = "flower_faults:app"' in text and 'serverapp = "federation.flower_app:server_app"' in text
 
 
 def test_missing_flwr_prints_one_install_line():
-    code = ("import sys, runpy; sys.modules['flwr'] = None; sys.argv = ['flower_fed.py', 'launch']; "
-            "runpy.run_path('flower_fed.py', run_name='__main__')")
+    code = ("import sys, runpy; sys.modules['flwr'] = None; sys.argv = ['flower_fed', 'launch']; "
+            "runpy.run_module('federation.flower_fed', run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()

@@ -145,10 +145,10 @@ def test_optional_fields_when_present_are_non_empty_strings(tmp_path, row):
         _refused(f, kind, f"bad.jsonl:2: {msg}")
     # absent optional fields: domain 'all', no answer, the image path as image_id
     f = _write(tmp_path / "pool.jsonl", [base, dict(base, domain="color", answer="red", image_id="img/1")])
-    a, b = safe_io.examples(safe_io.load_jsonl(f, "prompts"))
+    a, b = data.examples_from_rows(safe_io.load_jsonl(f, "prompts"))
     assert (a.answer, a.domain, a.image_id) == (None, "all", str((tmp_path / "a.png").resolve()))
     assert (b.answer, b.domain, b.image_id) == ("red", "color", "img/1")
-    p = safe_io.pairs(safe_io.load_jsonl(_write(tmp_path / "p.jsonl", [row, dict(row, domain="x")]), "pairs"), "clinic")
+    p = data.pairs_from_rows(safe_io.load_jsonl(_write(tmp_path / "p.jsonl", [row, dict(row, domain="x")]), "pairs"), "clinic")
     assert [q.domain for q in p] == ["clinic", "x"]
 
 
@@ -307,7 +307,7 @@ def test_export_round_trip_gives_the_same_examples_and_pairs(tmp_path, fed):
     for name, exs in fed.clients.items():
         f = out / "clients" / f"{name}.jsonl"
         assert all(not os.path.isabs(json.loads(x)["image"]) for x in f.read_text().splitlines())
-        got = safe_io.pairs(safe_io.load_jsonl(f, "pairs"))
+        got = data.pairs_from_rows(safe_io.load_jsonl(f, "pairs"))
         want = data.make_pairs(exs, 0)[:n]
         assert [(p.prompt, p.chosen, p.rejected, p.domain) for p in got] == \
                [(p.prompt, p.chosen, p.rejected, p.domain) for p in want]
@@ -317,7 +317,7 @@ def test_export_round_trip_gives_the_same_examples_and_pairs(tmp_path, fed):
     pool = [data.Example(e.image, e.prompt, g, e.domain, e.image_id) for e, g in zip(fed.pool, fed.pool_gold)]
     for fname, kind, want in (("prompts.jsonl", "prompts", pool), ("eval.jsonl", "eval", test),
                               ("sft.jsonl", "sft", fed.public)):
-        got = safe_io.examples(safe_io.load_jsonl(out / fname, kind))
+        got = data.examples_from_rows(safe_io.load_jsonl(out / fname, kind))
         assert [key(e) for e in got] == [key(e) for e in want[:n]], fname
         assert all(same_image(a.image, b.image) for a, b in zip(got, want))
     assert data.by_domain(test) == fed.test  # an eval file's examples -> the test split by domain

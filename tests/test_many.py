@@ -8,11 +8,10 @@ import torch
 
 import data
 import grpo
-import pipeline
-import report
 import router
+from harness import pipeline, report
+from harness.pipeline import MANY, MANY_METHODS, NARROW, Run
 from mor import parse_args
-from pipeline import MANY, MANY_METHODS, NARROW, Run
 
 
 @pytest.fixture(scope="module")

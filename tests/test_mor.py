@@ -8,13 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import judge
 import models
-import evaluate
 import mor
-import pipeline
-import report
 import reward
 import safe_io
+from harness import pipeline, report
 
 
 def test_sft_lowers_the_loss(tiny_dirs, fed):
@@ -53,15 +52,15 @@ def test_evaluate_counts_on_a_hand_made_case(monkeypatch):
                       data.Example("c", "q", "green", "color")],
             "shape": [data.Example("d", "q", "circle", "shape")]}
     answers = {"a": "red<|im_end|>", "b": "red<|im_end|>", "c": "green", "d": "circle<|im_end|>"}
-    monkeypatch.setattr(evaluate, "generate", lambda m, e, images, prompts, **k: [answers[i] for i in images])
-    out = evaluate.evaluate(torch.nn.Linear(1, 1), None, test, batch_size=2)
+    monkeypatch.setattr(judge, "generate", lambda m, e, images, prompts, **k: [answers[i] for i in images])
+    out = judge.evaluate(torch.nn.Linear(1, 1), None, test, batch_size=2)
     assert out["correct"] == {"color": [1, 0, 0], "shape": [1]}  # 'green' lacks the end token
     assert out["accuracy"]["color"] == pytest.approx(1 / 3) and out["accuracy"]["shape"] == 1.0
     assert out["malformed_share"] == pytest.approx(1 / 4)
 
 
 def test_win_rate_hand_computation():
-    assert evaluate.win_rate([1, 0, 1, 0], [0, 1, 1, 0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert judge.win_rate([1, 0, 1, 0], [0, 1, 1, 0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
 
 
 def test_atomic_dir_keeps_the_old_state_on_failure(tmp_path):
@@ -284,7 +283,7 @@ def test_shared_image_generate_gives_the_same_answers(tiny_dirs, fed, family):
     exs = sorted((e for d in data.DOMAINS for e in fed.test[d][:40]), key=lambda e: e.image)[:48]
     assert len({e.image for e in exs}) < len(exs)  # some images really are shared
     args = (model, enc, [e.image for e in exs], [e.prompt for e in exs])
-    assert evaluate.generate(*args, share_images=True) == evaluate.generate(*args)
+    assert judge.generate(*args, share_images=True) == judge.generate(*args)
 
 
 def test_flip_pairs_reverses_the_asked_share(fed):

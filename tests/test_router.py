@@ -8,6 +8,7 @@ import torch
 
 import data
 import router
+import safe_io
 from federated import Client, run_rounds
 
 K, D = 3, 8
@@ -194,7 +195,7 @@ def test_router_weights_are_checked_before_they_are_loaded(tmp_path):
     model = router.Router(D, K, hidden=16)
     good = tmp_path / "router.safetensors"
     save_file(model.state_dict(), str(good))
-    assert set(router.load_state(good, router.Router(D, K, hidden=16))) == set(model.state_dict())
+    assert set(safe_io.load_router_state(good, router.Router(D, K, hidden=16))) == set(model.state_dict())
     planted = {
         "pickle": (lambda p: p.write_bytes(pickle.dumps(model.state_dict())), "not a valid safetensors file"),
         "K": (lambda p: save_file(router.Router(D, K + 1, hidden=16).state_dict(), str(p)),
@@ -210,10 +211,10 @@ def test_router_weights_are_checked_before_they_are_loaded(tmp_path):
         path = tmp_path / f"{name}.safetensors"
         plant(path)
         with pytest.raises(ValueError, match=msg):
-            router.load_state(path, router.Router(D, K, hidden=16))
+            safe_io.load_router_state(path, router.Router(D, K, hidden=16))
     (tmp_path / "router.pt").write_bytes(good.read_bytes())
     with pytest.raises(ValueError, match="must be a .safetensors file"):
-        router.load_state(tmp_path / "router.pt", model)
+        safe_io.load_router_state(tmp_path / "router.pt", model)
 
 
 class _NoJudge(Client):

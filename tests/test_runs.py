@@ -1,5 +1,5 @@
 """Runs that cannot lie: every flag range-checked before any work, stage outputs carrying the
-inputs that made them (provenance.py), stale outputs redone, --force that redoes, and an
+inputs that made them (harness/provenance.py), stale outputs redone, --force that redoes, and an
 own-task run through JSONL files that reproduces the embedded run."""
 import json
 
@@ -7,8 +7,8 @@ import pytest
 
 import data
 import mor
-import provenance
-from pipeline import Run
+from harness import provenance
+from harness.pipeline import Run
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -183,11 +183,11 @@ def test_own_task_files_reproduce_the_embedded_run(tmp_path):
 def test_progress_prints_plain_lines_in_a_log_or_a_worker(monkeypatch, capsys):
     """Off a terminal (a log file, a worker process) a loop prints one full line per interval and
     its final state, with the postfix figures; never one line per update."""
-    import progress
+    import models
 
-    monkeypatch.setenv(progress.PLAIN_ENV, "1")
-    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 3600.0)
-    bar = progress.Progress(range(50), desc="grpo mor s0")
+    monkeypatch.setenv(models.PLAIN_ENV, "1")
+    monkeypatch.setattr(models, "PLAIN_INTERVAL", 3600.0)
+    bar = models.Progress(range(50), desc="grpo mor s0")
     for i in bar:
         bar.set_postfix(reward=f"{i:.1f}")
     lines = capsys.readouterr().err.strip().splitlines()

@@ -1,10 +1,9 @@
-"""Paired statistics (stats.py) and the generated comparison and claims tables (report.py)."""
+"""Paired statistics (harness/stats.py) and the generated comparison and claims tables (harness/report.py)."""
 import math
 
 import pytest
 
-import report
-import stats
+from harness import report, stats
 
 
 @pytest.mark.parametrize("nu,q", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)])

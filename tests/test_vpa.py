@@ -1,4 +1,4 @@
-"""FedVPA-GP (vpa_model.py V1-V8, vpa.py): Gumbel-Softmax, the ELBO terms by hand, orthogonal
+"""FedVPA-GP (fedvpa.py V1-V8, experiments/fedvpa_table.py): Gumbel-Softmax, the ELBO terms by hand, orthogonal
 loss, the mixture prior and its warm-up, a constructed rich-get-richer collapse, federated
 training on a synthetic two-group problem, the MoR scoring interface and its save/load, a
 client's VPA RM built from pairs through a tiny reference VLM. Nothing here needs runs/default."""
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import fedvpa as vm
 import models
 import reward
-import vpa
-import vpa_model as vm
+from experiments import fedvpa_table as vpa
 
 torch.set_num_threads(1)
 
@@ -391,11 +391,11 @@ def test_conflict_clients_split_domains_and_flip_only_the_style_pair():
     assert vpa.conflict_clients(fed, seed=0) == out  # deterministic
 
 
-# -- GRPO with a VPA client RM (vpa.py --grpo, vpa_eval's answer styles) -------------------------
+# -- GRPO with a VPA client RM (experiments/fedvpa_table.py --grpo, vpa_eval's answer styles) -------------------------
 
 import grpo  # noqa: E402
 import router  # noqa: E402
-import vpa_eval  # noqa: E402
+from experiments import fedvpa_eval as vpa_eval  # noqa: E402
 
 
 def test_answer_styles_judge_and_guard():
@@ -499,7 +499,7 @@ def test_grpo_experiment_end_to_end_at_toy_size(fed, tmp_path):
     stamp = (start / "two_style.json").stat().st_mtime_ns
     assert vpa.two_style_start(small, "color", run / "base", start, 1) == start  # same recipe: reused
     assert (start / "two_style.json").stat().st_mtime_ns == stamp
-    md = vpa.results_markdown({}, cfg, [0], "cmd", 1.0, None, dict(res, command="python vpa.py --grpo"))
+    md = vpa.results_markdown({}, cfg, [0], "cmd", 1.0, None, dict(res, command="python -m experiments.fedvpa_table --grpo"))
     assert "## GRPO with a VPA client RM" in md and "| two-style start | VPA terse |" in md
     with pytest.raises(ValueError, match="takes 5 tokens"):
         vpa.grpo_experiment(small, 0, [0], cfg, run, tmp_path / "out", cache, "color",
@@ -507,9 +507,9 @@ def test_grpo_experiment_end_to_end_at_toy_size(fed, tmp_path):
 
 
 def test_main_grpo_flag_runs_the_block_and_keeps_the_table(fed, tmp_path, monkeypatch):
-    """`python vpa.py --grpo`: no table rerun, the GRPO block gets the CLI's GRPO settings, and
+    """`python -m experiments.fedvpa_table --grpo`: no table rerun, the GRPO block gets the CLI's GRPO settings, and
     vpa-results.json/.md keep the earlier table, its header, and gain the GRPO section."""
-    prev = {"config": {}, "data_seed": 0, "seeds": [0, 1, 2, 3, 4], "command": "python vpa.py --table", "seconds": 9.0,
+    prev = {"config": {}, "data_seed": 0, "seeds": [0, 1, 2, 3, 4], "command": "python -m experiments.fedvpa_table --table", "seconds": 9.0,
             "results": {}, "client_rm": {"color/full": {"vpa": vpa._ms([0.9]), "bt": vpa._ms([0.8])}}}
     (tmp_path / "vpa-results.json").write_text(json.dumps(prev))
     seen = {}
@@ -537,5 +537,5 @@ def test_main_grpo_flag_runs_the_block_and_keeps_the_table(fed, tmp_path, monkey
     assert (out["seeds"], out["command"], out["client_rm"]) == (prev["seeds"], prev["command"], prev["client_rm"])
     assert "--grpo" in out["grpo"]["command"] and out["grpo"]["threads"] == 1
     md = (tmp_path / "vpa-results.md").read_text()
-    assert "python vpa.py --table" in md and "color/full" in md and "## GRPO with a VPA client RM" in md
+    assert "python -m experiments.fedvpa_table --table" in md and "color/full" in md and "## GRPO with a VPA client RM" in md
     assert "| reference | VPA full | 90.0 ± 0.0 | 75.0 ± 0.0 |" in md

@@ -1,9 +1,9 @@
 """Run the router's FedAvg (E4) as a real Flower deployment on this machine, and check it.
 
 Three modules, imported one way (flower_fed -> flower_local -> flower_app):
-  flower_app.py    the Flower apps: the ClientApp each site runs, the ServerApp's round loop
-  flower_local.py  the processes: a SuperLink + one SuperNode per client on 127.0.0.1
-  flower_fed.py    the commands:
+  federation/flower_app.py    the Flower apps: the ClientApp each site runs, the ServerApp's round loop
+  federation/flower_local.py  the processes: a SuperLink + one SuperNode per client on 127.0.0.1
+  federation/flower_fed.py    the commands:
     prepare  stages.routing_setup (the router stage's client precompute and initial router), each
              client's routing tensors written to a cache on "its" disk, plus manifest.json
     launch   writes the Flower App, starts the local federation, `flwr run`s the ServerApp, waits
@@ -11,8 +11,8 @@ Three modules, imported one way (flower_fed -> flower_local -> flower_app):
 A crashed SuperNode is declared offline by the SuperLink only 37.5-60 s after the crash (missed
 heartbeats; measured 46-57 s, docs/flower.md); until then a round waits for it up to --round-timeout.
 
-  python flower_fed.py prepare --run-dir runs/default            # caches, initial router, manifest
-  python flower_fed.py launch  --run-dir runs/default --compare  # train over Flower, then in-process
+  python -m federation.flower_fed prepare --run-dir runs/default            # caches, initial router, manifest
+  python -m federation.flower_fed launch  --run-dir runs/default --compare  # train over Flower, then in-process
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 try:  # Flower is optional: without it, one line that says how to get it (flower_app's message)
-    from flower_app import LOG_PREFIX, CachedClient, FedConfig, write_routing_cache
+    from federation.flower_app import LOG_PREFIX, CachedClient, FedConfig, write_routing_cache
 except ImportError as _e:  # pragma: no cover - exercised by a subprocess test
     if __name__ == "__main__":
         sys.exit(f"flower_fed: {_e}")  # the line on stderr, exit status 1
@@ -46,9 +46,9 @@ from tqdm.auto import tqdm
 import federated
 import router as routing
 import safe_io
-from flower_local import LocalFederation
+from federation.flower_local import LocalFederation
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 MANIFEST_FORMAT = "mor-flower-manifest/1"
 
 
@@ -90,7 +90,7 @@ def load_manifest(path: str | Path) -> dict:
     """manifest.json -> dict with absolute 'caches' and 'init' paths; errors name the file and field."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest (write it with `python flower_fed.py prepare`)")
+        raise FileNotFoundError(f"{path}: no manifest (write it with `python -m federation.flower_fed prepare`)")
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -126,29 +126,40 @@ def _config_from_manifest(man: dict, overrides: dict | None) -> FedConfig:
 
 
 def app_modules(*roots: str | Path) -> list[Path]:
-    """flower_app.py, the `roots`, and every module of this repo they import, directly or not (any
-    import statement naming a REPO/<name>.py). They travel inside the Flower App Bundle, so a
-    SuperNode needs only the packages of requirements.txt + requirements-flower.txt, not this repo;
-    found, not listed, so a module that starts importing a new one cannot break the app."""
-    todo, found = [REPO / "flower_app.py", *map(Path, roots)], {}
+    """federation/flower_app.py, the `roots`, and every module of this repo they import, directly
+    or not (an import naming REPO/<a>/<b>.py or REPO/<a>.py). They travel inside the Flower App
+    Bundle, so a SuperNode needs only the packages of requirements.txt + requirements-flower.txt,
+    not this repo; found, not listed, so a module that starts importing a new one cannot break the app."""
+    todo, found = [REPO / "federation" / "federation/flower_app.py", *map(Path, roots)], {}
     while todo:
-        path = todo.pop()
-        if path.name in found:
+        path = todo.pop().resolve()
+        if path in found:
             continue
-        found[path.name] = path
+        found[path] = path
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
+                # `from pkg import mod` names pkg/mod.py; `from mod import x` names mod.py
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             else:
                 continue
-            here = [REPO / f"{n.split('.')[0]}.py" for n in names]  # `import a.b` needs a.py
+            here = [REPO / (n.replace(".", "/") + ".py") for n in names]
             todo += [f for f in here if f.is_file()]
-    return sorted(found.values(), key=lambda p: p.name)
+    return sorted(found.values())
 
 
-def write_app(app_dir: Path, client_app: str = "flower_app:client_app", extra_modules=()) -> Path:
+def _app_path(module: Path) -> Path:
+    """Where a shipped module lies inside the app: its place in the repo (federation/flower_app.py
+    stays importable as federation.flower_app), or flat for a module from elsewhere."""
+    try:
+        rel = module.relative_to(REPO)
+    except ValueError:
+        return Path(module.name)
+    return Path(module.name) if rel.parts[0] == "tests" else rel
+
+
+def write_app(app_dir: Path, client_app: str = "federation.flower_app:client_app", extra_modules=()) -> Path:
     """A Flower App directory: the modules a site runs plus a pyproject.toml naming the ServerApp
     and ClientApp and declaring every run-config key (FedConfig's defaults; each launch passes its
     own values with --run-config). Generated at run time in a temp dir, never in the repo.
@@ -157,7 +168,8 @@ def write_app(app_dir: Path, client_app: str = "flower_app:client_app", extra_mo
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     for m in app_modules(*extra_modules):
-        shutil.copy2(m, app_dir / m.name)
+        (app_dir / _app_path(m)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(m, app_dir / _app_path(m))
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "mor-router", "version": "1.0.0",
@@ -166,7 +178,7 @@ def write_app(app_dir: Path, client_app: str = "flower_app:client_app", extra_mo
                     "dependencies": [f"flwr=={flwr.__version__}", "torch", "safetensors", "numpy", "pillow", "tqdm"]},
         "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
                  "flwr": {"app": {"publisher": "mor",
-                                  "components": {"serverapp": "flower_app:server_app",
+                                  "components": {"serverapp": "federation.flower_app:server_app",
                                                  "clientapp": client_app},
                                   "config": FedConfig().to_run_config()}}},
     }
@@ -176,7 +188,7 @@ def write_app(app_dir: Path, client_app: str = "flower_app:client_app", extra_mo
 
 def launch(manifest: str | Path, out_dir: str | Path | None = None, overrides: dict | None = None,
            timeout: float | None = None, verbose: bool = True, keep_workdir: bool = False, during=None,
-           client_app: str = "flower_app:client_app", extra_modules=(), node_config: dict | None = None) -> dict:
+           client_app: str = "federation.flower_app:client_app", extra_modules=(), node_config: dict | None = None) -> dict:
     """Train the router of `manifest` over a local Flower federation and return the run summary.
 
     Writes into out_dir (default: the manifest's folder): router-flower.safetensors (final phi),
@@ -248,8 +260,7 @@ def prepare(run_dir: str | Path, setting: str = "heterogeneous", mor_argv: list[
     Writes run_dir/flower/<setting>/{clients/<name>.safetensors, router-init.safetensors,
     manifest.json}; nothing else of run_dir is touched. `mor_argv`: extra mor.py flags (sizes)."""
     import mor
-    import pipeline
-    import stages
+    from harness import pipeline, stages
     a = mor.parse_args(["--run-dir", str(run_dir), "--setting", setting, *(mor_argv or [])])
     torch.set_num_threads(a.threads or 1)
     run = pipeline.Run(a)
@@ -290,7 +301,7 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
         return routing.Router(cfg.dim, cfg.num_rms, cfg.hidden, cfg.route_on)
 
     model = make()
-    model.load_state_dict(routing.load_state(man["init"], model))
+    model.load_state_dict(safe_io.load_router_state(man["init"], model))
     t = time.perf_counter()
     log = federated.run_rounds(model, make, clients, cfg.rounds, cfg.local_epochs, cfg.lr, cfg.batch_size,
                                cfg.fraction, cfg.seed, timeout_s=cfg.round_timeout, desc="in-process rounds",
@@ -298,7 +309,7 @@ def compare(manifest: Path, summary: dict, overrides: dict | None, out_dir: Path
     seconds = time.perf_counter() - t
     acc = {c.name: c.mixed_accuracy(model) for c in clients if c.heldout_pairs}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    flower_state = routing.load_state(summary["config"]["out-path"], make())
+    flower_state = safe_io.load_router_state(summary["config"]["out-path"], make())
     safe_io.atomic_save_file(out_dir / "router-inprocess.safetensors", state, {"format": "mor-router"})
     f_losses = [f"{e['loss']:.4f}" for e in summary["rounds"]]
     i_losses = [f"{e['loss']:.4f}" for e in log]

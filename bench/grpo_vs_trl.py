@@ -42,7 +42,7 @@ cores spin-wait on every small op): compare at one fixed --threads, 1 by default
 
 Usage (from the repository root; the TRL venv once, see bench/README.md):
   python3 -m venv bench/.venv && bench/.venv/bin/pip install -r bench/requirements.txt
-  .venv/bin/python bench_grpo.py --threads 1 --steps 20 --warmup 3 --out /tmp/bench_grpo.json
+  .venv/bin/python -m bench.grpo_vs_trl --threads 1 --steps 20 --warmup 3 --out /tmp/bench_grpo.json
 --no-trl measures ours only (no TRL venv needed).
 """
 
@@ -65,7 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root
 TRL_HARNESS = HERE / "bench" / "trl_grpo_bench.py"
 TRL_VENV_HOWTO = "python3 -m venv bench/.venv && bench/.venv/bin/pip install -r bench/requirements.txt"
 
@@ -114,8 +114,8 @@ class PhaseTimer:
 
 
 def bench_ours(args, fed) -> dict:
-    import models
     import grpo
+    import models
 
     # The pool's gold answers are read only by the oracle reward (as in stages.stage_grpo).
     t = time.perf_counter()
@@ -252,10 +252,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     # Both inputs are checked before any work: ours alone takes minutes before TRL would start.
     if not (Path(args.model_dir) / "config.json").is_file():
-        p.exit(2, f"bench_grpo.py: no checkpoint at {args.model_dir}; build the project's base first "
+        p.exit(2, f"bench/grpo_vs_trl.py: no checkpoint at {args.model_dir}; build the project's base first "
                   "(python mor.py --stages base,sft) or pass --model-dir DIR\n")
     if not args.no_trl and not os.access(args.trl_python, os.X_OK):
-        p.exit(2, f"bench_grpo.py: no TRL venv python at {args.trl_python}; create it from the repository "
+        p.exit(2, f"bench/grpo_vs_trl.py: no TRL venv python at {args.trl_python}; create it from the repository "
                   f"root with: {TRL_VENV_HOWTO} (or pass --trl-python PY, or --no-trl)\n")
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # before any work: the pool size is fixed at first use
@@ -265,8 +265,9 @@ def main(argv=None):
         workdir = workdir / (Path(args.out).stem + "_files")
     workdir.mkdir(parents=True, exist_ok=True)
 
-    import data
     import transformers
+
+    import data
 
     # The federation as runs/default was built (data seed 0, default split sizes); its GRPO
     # prompt pool is what both sides train on.

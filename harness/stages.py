@@ -27,21 +27,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
-from progress import PLAIN_ENV, Progress
-
 import data
 import federated
 import grpo
 import models
 import nts
-import provenance
 import reward
 import router
-from evaluate import JUDGES, evaluate, win_rate
-from pipeline import (BASE_FAMILY, MANY, PRETRAIN_IMAGES, SETTINGS, Run, grpo_config, make_router, methods,
-                      policy_dir, set_seed, trained_methods, weak_client, weight_sources)
-from report import (_chance, _mean_std, _moving_max, claims, gates, many_clients, many_clients_plot, matrix_markdown,
-                    paired_comparisons, plots, results_markdown, router_markdown, weak_client_effect)
+import safe_io
+from harness import provenance
+from harness.pipeline import (BASE_FAMILY, MANY, PRETRAIN_IMAGES, SETTINGS, Run, grpo_config, make_router, methods,
+                              policy_dir, set_seed, trained_methods, weak_client, weight_sources)
+from harness.report import (_chance, _mean_std, _moving_max, claims, gates, many_clients, many_clients_plot,
+                            matrix_markdown, paired_comparisons, plots, results_markdown, router_markdown,
+                            weak_client_effect)
+from judge import JUDGES, evaluate, win_rate
+from models import PLAIN_ENV, Progress
 from reward import train_sft
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
@@ -350,7 +351,7 @@ def warm_start_router(run: Run, path: str, clients: dict, make) -> tuple[torch.n
     new = make()
     old = router.Router(new.dim, len(old_names), new.hidden, new.context)
     try:  # an upload like any other: safetensors only, the expected keys and shapes, finite values
-        old.load_state_dict(router.load_state(path, old))
+        old.load_state_dict(safe_io.load_router_state(path, old))
         model, rows = federated.warm_start(old, old_names, list(clients))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--router-from {path}: {e}") from None
@@ -428,7 +429,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     else:
         if "rms" not in cache:  # the K client uploads, loaded once for every RM method
             cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
-            cache["router"] = router.load_state(run.output("router"), make_router(run)())
+            cache["router"] = safe_io.load_router_state(run.output("router"), make_router(run)())
         rms, router_state = cache["rms"], cache["router"]
         src = weight_sources(run, router_state)
         # the prompt's domain, for the routing logs only (the evaluator's view; the bandit never reads it)
@@ -602,7 +603,7 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "reward_seconds_per_step": _mean_std([e["reward_seconds_per_step"] for e in per_seed]),
             "peak_rss_mb": max((e["memory"].get("peak_rss_mb", 0.0) for e in per_seed), default=0.0),
             "rm_params_mb": max((e["memory"].get("rm_params_mb", 0.0) for e in per_seed), default=0.0),
-            # per seed, in run.seeds(method) order: what the paired comparisons (stats.py) read
+            # per seed, in run.seeds(method) order: what the paired comparisons (harness/stats.py) read
             "seeds": run.seeds(method),
             "per_seed": {"seeds": run.seeds(method),
                          "accuracy": {k: [e["accuracy"][k] for e in per_seed] for k in doms},

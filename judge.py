@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from progress import Progress
-
 import data
 import models
+from models import Progress
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ after the last one, so 37.5-60 s after the crash (measured: 46, 55, 57 s; docs/f
 
 This module travels to the sites inside the Flower App Bundle and imports only what a site has
 (requirements.txt + requirements-flower.txt). The commands, the manifest and the local launcher
-are flower_fed.py and flower_local.py.
+are federation/flower_fed.py and federation/flower_local.py.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class CachedClient(federated.Client):
     def __init__(self, path: str | Path):  # noqa: D107  (deliberately not calling Client.__init__: no pairs here)
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"routing cache {path}: no such file (write it with `python flower_fed.py prepare`)")
+            raise FileNotFoundError(f"routing cache {path}: no such file (write it with `python -m federation.flower_fed prepare`)")
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
@@ -486,7 +486,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     t_all = time.monotonic()
     try:
         if cfg.dim and cfg.num_rms:  # router.load_state: safetensors only, the Router's keys and shapes, finite
-            state = routing.load_state(cfg.init_path, routing.Router(cfg.dim, cfg.num_rms, cfg.hidden, cfg.route_on))
+            state = safe_io.load_router_state(cfg.init_path, routing.Router(cfg.dim, cfg.num_rms, cfg.hidden, cfg.route_on))
         else:
             state = load_file(cfg.init_path)
         # The reference a reply must match: the server's own router (keys, shapes [out, in], dtypes).

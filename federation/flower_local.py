@@ -29,8 +29,7 @@ from pathlib import Path
 import tomli_w  # a dependency of flwr
 from tqdm.auto import tqdm
 
-from flower_app import LOG_PREFIX
-
+from federation.flower_app import LOG_PREFIX
 
 SUPERLINK_NAME = "mor-local"  # the SuperLink connection `flwr run` uses (in the launch's own FLWR_HOME)
 

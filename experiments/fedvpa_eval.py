@@ -1,10 +1,10 @@
-"""FedVPA-GP's evaluation, split from vpa.py: what a trained VPA is measured by (held-out pair
+"""FedVPA-GP's evaluation, split from experiments/fedvpa_table.py: what a trained VPA is measured by (held-out pair
 accuracy under a client's posterior, -ELBO, group purity, collapse), and the answer styles of
-the conflict benchmark in a *policy's* answers, for GRPO with a VPA client RM (vpa.py --grpo):
+the conflict benchmark in a *policy's* answers, for GRPO with a VPA client RM (experiments/fedvpa_table.py --grpo):
 which convention an answer follows, a judge that accepts both, the server's format guard with
 both conventions well-formed, and the log-probability the policy gives each style.
 
-vpa.py re-exports the metrics (vpa.evaluate, vpa.heldout_accuracy, vpa.neg_elbo, ...).
+experiments/fedvpa_table.py re-exports the metrics (vpa.evaluate, vpa.heldout_accuracy, vpa.neg_elbo, ...).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import data
 import grpo
 import models
-from evaluate import generate as generate_answers  # E9's generate (vpa_eval.evaluate is the VPA metrics)
-from vpa_model import VPA, ClientFeatures, entropy, episode_terms, episodes
+from fedvpa import VPA, ClientFeatures, entropy, episode_terms, episodes
+from judge import generate as generate_answers  # E9's generate (vpa_eval.evaluate is the VPA metrics)
 
 
 def _ms(xs: list[float]) -> dict:
@@ -287,7 +287,7 @@ def grpo_markdown(res: dict) -> list[str]:
     d, g = res["domain"], res["grpo_config"]
     n = len(next(iter(next(iter(res["runs"].values())).values())))
     lines = ["\n## GRPO with a VPA client RM\n",
-             f"Regenerate: `{res.get('command', 'python vpa.py --grpo')}` ({res.get('seconds', 0):.0f} s on "
+             f"Regenerate: `{res.get('command', 'python -m experiments.fedvpa_table --grpo')}` ({res.get('seconds', 0):.0f} s on "
              f"{res.get('threads', 1)} CPU thread(s)). The {d} client holds both groups ({res['pairs']['terse']} terse "
              f"and {res['pairs']['full']} full pairs); GRPO (E5, unchanged) on {d} prompts of the pool with one client "
              f"RM as grpo.SingleReward: *VPA full* / *VPA terse* = its VPA client RM fixed to that group's posterior, "

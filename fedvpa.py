@@ -28,7 +28,7 @@ in what we could read, so the burn-in is labelled as this code's). In V5, KL(q |
 it pulls every client's posterior toward the prototypes that are popular *now*, whose share then
 grows in the next pibar: a rich-get-richer loop (equivalently, sum_k n_k KL(qbar_k || pibar) is
 the information z carries about the client, which one prototype for everybody sets to 0).
-Measured on the conflict benchmark, seed 1 (vpa.py; docs/vpa.md): the full-style clients of two
+Measured on the conflict benchmark, seed 1 (experiments/fedvpa_table.py; docs/vpa.md): the full-style clients of two
 domains started on prototype 0 (qbar 0.57, 0.38 after round 1) while the terse clients and one
 full client went to prototype 2; the prior of prototype 2 rose 0.31 -> 0.41 -> 0.64 -> 0.82 ->
 0.92 over rounds 1-5, and by round 6 every client sat on it (usage 0.99, H(q) 0.03): one
@@ -41,7 +41,7 @@ What V8 does not remove: a likelihood-driven collapse the uniform prior has too 
 `VPARewardModel` (bottom) fixes the posterior of one client (or one labeller group) and has
 reward.RewardModel's scoring interface (`FeatureRewardModel`), so it can stand in for a client RM
 in MoR; `BTFeatureRewardModel` gives MonolithicBT the same interface, the plain-BT baseline of
-GRPO with a VPA client RM (vpa.py --grpo).
+GRPO with a VPA client RM (experiments/fedvpa_table.py --grpo).
 """
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ class FeatureRewardModel(nn.Module):
 
 class BTFeatureRewardModel(FeatureRewardModel):
     """A trained MonolithicBT as a client RM: the plain Bradley-Terry baseline of the same kind
-    as VPARewardModel (same features, same trunk, one readout), for GRPO beside it (vpa.py
+    as VPARewardModel (same features, same trunk, one readout), for GRPO beside it (experiments/fedvpa_table.py
     --grpo). In memory only: the experiment trains it where it uses it."""
 
     def __init__(self, bt: MonolithicBT, ref_vlm=None, processor=None, **kw):

@@ -2,7 +2,7 @@
 
 A `Run` is what every stage receives: the parsed flags, the run directory, the clients (each
 with its own pairs and nothing else), where each stage's output lives, and the method list of
-E8. The stages themselves are in stages.py; the command line in mor.py.
+E8. The stages themselves are in harness/stages.py; the command line in mor.py.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import data
 import federated
 import grpo
 import models
-import provenance
 import reward
 import router
 import safe_io
+from harness import provenance
 from safe_io import atomic_dir, atomic_write_json
 
 
@@ -188,16 +188,16 @@ class Run:
                 # here it only takes its place (and its index k) among the K clients
                 fed.clients[name] = []
             if a.sft_data:
-                fed.public = safe_io.examples(self.rows(a.sft_data, "sft"))
+                fed.public = data.examples_from_rows(self.rows(a.sft_data, "sft"))
             if a.prompts:
-                fed.pool = safe_io.examples(self.rows(a.prompts, "prompts"))
+                fed.pool = data.examples_from_rows(self.rows(a.prompts, "prompts"))
                 # gold answers only when every prompt has one: the oracle reward needs them all
                 gold = [e.answer for e in fed.pool]
                 fed.pool_gold = gold if all(gold) else None
                 for e in fed.pool:
                     e.answer = None  # the trainer never sees an answer
             if a.eval:
-                test = data.by_domain(safe_io.examples(self.rows(a.eval, "eval")))
+                test = data.by_domain(data.examples_from_rows(self.rows(a.eval, "eval")))
                 fed.test = {d: v[:a.test_per_domain] for d, v in test.items()}
             self._fed = fed
         return self._fed
@@ -213,7 +213,7 @@ class Run:
         return {d: len(v) for d, v in self.fed.test.items()}
 
     # ------------------------------------------------------------------------------------------
-    # Provenance (provenance.py): the inputs each output is made from. Upstream outputs enter as
+    # Provenance (harness/provenance.py): the inputs each output is made from. Upstream outputs enter as
     # the digests of *their* inputs, so a change anywhere upstream reaches every output below it.
     # ------------------------------------------------------------------------------------------
 
@@ -387,7 +387,7 @@ class Run:
         clients (and identical held-out splits) instead of storing private data on the server."""
         def pairs(name, exs):
             if name in self.user_data:  # validated row by row: errors name file:line:field
-                return safe_io.pairs(self.rows(self.user_data[name], "pairs"), name)
+                return data.pairs_from_rows(self.rows(self.user_data[name], "pairs"), name)
             p = data.make_pairs(exs, self.args.seed)
             return data.flip_pairs(p, WEAK_FLIP, self.args.seed) if name == "noisy" == weak_client(self.args.setting) else p
 

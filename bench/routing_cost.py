@@ -13,7 +13,7 @@ mor_hard: the router's argmax RM per prompt, one RM per row), it runs grpo.train
 of the reward call alone (the log's reward_seconds), plus RM rows scored per step.
 
 Usage, after `bash train.sh --setting many6` and `--setting many12` in the same run directory:
-  .venv/bin/python bench_routing.py --run-dir runs/main --steps 10 --out runs/main/bench_routing.json
+  .venv/bin/python -m bench.routing_cost --run-dir runs/main --steps 10 --out runs/main/bench_routing.json
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import grpo
 import models
 import reward
 import router
+import safe_io
+from harness.pipeline import Run, grpo_config, make_router
 from mor import parse_args
-from pipeline import Run, grpo_config, make_router
 
 SETTING_OF_K = {3: "heterogeneous", 6: "many6", 12: "many12"}
 
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
     out = {"steps": a.steps, "warmup": a.warmup, "seed": a.seed, "threads": 1, "K": {}}
     for K, run in runs.items():
         r = make_router(run)()  # this K's federated router
-        r.load_state_dict(router.load_state(run.output("router"), r))
+        r.load_state_dict(safe_io.load_router_state(run.output("router"), r))
         for method in ("mor", "mor_hard"):
             fn = grpo.MixedReward(rms[:K], r) if method == "mor" else grpo.HardReward(rms[:K], r, cfg.group)
             policy, proc = models.load_vlm(big.dir / "base")

@@ -2,7 +2,7 @@
 
 Nothing here trains or evaluates a model: every function reads results (dicts from results.json,
 router-<setting>.json, the GRPO logs) and writes markdown or PNG. The CLI (mor.py) and the eval
-stage (stages.py) import this module; it imports neither.
+stage (harness/stages.py) import this module; it imports neither.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import data
-import stats
-from pipeline import MANY, MANY_K, MANY_METHODS, WEAK_CLIENTS, Run, policy_dir, trained_methods
+from harness import stats
+from harness.pipeline import MANY, MANY_K, MANY_METHODS, WEAK_CLIENTS, Run, policy_dir, trained_methods
 from safe_io import atomic_savefig
 
 
@@ -189,7 +189,7 @@ def _best_single(ms: dict) -> str | None:
 
 def paired_comparisons(r: dict) -> dict:
     """{"A-B": {"overall": stats.paired(...), "<domain>": ...}} for every pair of PAIRS whose two
-    methods were trained, on the seeds both share (docs/method.md, E9; stats.py)."""
+    methods were trained, on the seeds both share (docs/method.md, E9; harness/stats.py)."""
     ms, out = r["methods"], {}
     best = _best_single(ms)
     for a, b in PAIRS:
@@ -382,7 +382,7 @@ def paired_markdown(r: dict) -> list[str]:
     out = ["", "Paired differences A - B by seed, accuracy points: mean [95% interval]; p of the paired "
            "t-test; wins = seeds where A is ahead; CRN = width of the overall interval paired by seed "
            "(common prompt order and sampler stream) / its mean width with the seeds mismatched, i.e. "
-           "as independent runs would give (stats.py)", "",
+           "as independent runs would give (harness/stats.py)", "",
            "| A - B | overall | " + " | ".join(doms) + " | p | wins | CRN width |", "|---|" + "---|" * (len(doms) + 4)]
     for key, c in r["paired"].items():
         p = "n/a" if c["overall"]["p"] is None else f"{c['overall']['p']:.3f}"

@@ -1,15 +1,15 @@
 """FedVPA-GP on the conflicting-preference benchmark: the ablation table the pipeline regenerates,
 a client's VPA reward model built from its own pairs, and GRPO with it. The method itself
-(equations V1-V8, models, federated training, VPARewardModel) is vpa_model.py; the metrics
-(accuracy, group purity, collapse, answer styles) vpa_eval.py; docs/vpa.md has the page, the
+(equations V1-V8, models, federated training, VPARewardModel) is fedvpa.py; the metrics
+(accuracy, group purity, collapse, answer styles) experiments/fedvpa_eval.py; docs/vpa.md has the page, the
 collapse diagnosis and the tables.
 
-  python vpa.py --run-dir runs/default --seeds 0,1,2,3,4 --federations conflict --betas 0.1
+  python -m experiments.fedvpa_table --run-dir runs/default --seeds 0,1,2,3,4 --federations conflict --betas 0.1
       -> <run-dir>/vpa-results.md and vpa-results.json (every seed's per-round log included)
-  python vpa.py --run-dir runs/default --client-rm --seeds 0,1,2,3,4
+  python -m experiments.fedvpa_table --run-dir runs/default --client-rm --seeds 0,1,2,3,4
       -> adds the client-RM block: each domain's client holds both labeller groups, trains a
          VPA client RM (saved under <run-dir>/vpa-clients/) vs a plain BT RM on the same pairs
-  python vpa.py --run-dir runs/default --grpo --seeds 0,1,2
+  python -m experiments.fedvpa_table --run-dir runs/default --grpo --seeds 0,1,2
       -> adds the GRPO block (no table): GRPO with the colour client's VPA RM vs its plain BT RM
 
 Everything runs on frozen E2 features e(x, y) [D] of the reference policy (<run-dir>/base,
@@ -50,13 +50,13 @@ import grpo
 import models
 import reward
 import router as routing
-from evaluate import evaluate as evaluate_policy
-from progress import Progress
+from experiments.fedvpa_eval import (StyleGuard, StyleJudge, _ms, _pct, answer_style,  # noqa: F401 (re-exported)
+                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo,
+                                     rm_diagnostics, rounds_markdown, sampled_styles, style_logprobs)
+from fedvpa import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
+from judge import evaluate as evaluate_policy
+from models import Progress
 from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
-from vpa_eval import (StyleGuard, StyleJudge, _ms, _pct, answer_style, client_posterior,  # noqa: F401 (re-exported)
-                      evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo, rm_diagnostics, rounds_markdown,
-                      sampled_styles, style_logprobs)
-from vpa_model import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
 
 # ----------------------------------------------------------------------------------------------
 # The benchmark: easy-VQA pairs, the conflicting-preference variant, cached features
@@ -447,7 +447,7 @@ def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[in
 def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: str, seconds: float,
                      client_rm: dict | None = None, grpo_res: dict | None = None) -> str:
     """Markdown of every (federation, beta) block of `all_res`, the client-RM block and the GRPO block."""
-    lines = ["# FedVPA-GP (vpa.py)\n",
+    lines = ["# FedVPA-GP (experiments/fedvpa_table.py)\n",
              f"Regenerate: `{command}` ({seconds:.0f} s for the blocks it ran; other blocks merged from earlier runs).\n",
              f"P={cfg.prototypes}, context C={cfg.context}, targets T={cfg.targets}, {cfg.rounds} rounds x "
              f"{cfg.local_steps} local steps x {cfg.episodes} episodes, lr {cfg.lr}, lambda_orth {cfg.orth}, "
@@ -503,7 +503,7 @@ def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: s
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="FedVPA-GP on the conflicting-preference benchmark (the method: vpa_model.py)")
+    ap = argparse.ArgumentParser(description="FedVPA-GP on the conflicting-preference benchmark (the method: fedvpa.py)")
     ap.add_argument("--run-dir", default="runs/default", help="pipeline run dir: its base/ is the frozen reference")
     ap.add_argument("--out", default=None, help="where vpa-results.md/.json go (default: the run dir)")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="training seeds (comma separated)")
@@ -563,7 +563,7 @@ def main(argv=None) -> int:
         for beta in betas:
             c = VPAConfig(**{**asdict(cfg), "beta": beta})
             merged[f"{label}, beta {beta:g}"] = run_experiment(clients, c, seeds, desc=f"{name} b{beta:g}")
-    command = "python vpa.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.fedvpa_table " + " ".join(argv if argv is not None else sys.argv[1:])
     # the header's command / seeds / seconds are the table's: a --grpo-only run keeps the earlier ones
     # (the GRPO block carries its own)
     table_run = bool(feds) or a.client_rm or not prev
