@@ -497,7 +497,7 @@ def blind_baseline(train: list[Example], test: dict[str, list[Example]]) -> dict
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The benchmark as files: the same data in the form users bring their own
+# 4. The benchmark as files: the same data in the form users bring their own
 # ----------------------------------------------------------------------------------------------
 
 EXPORT_FORMAT = "mor-benchmark-export/1"

@@ -17,7 +17,8 @@ median and trimmed mean test, but it raises the routing loss of every other clie
 crossval tests. The noisy client is a judge too and would call every sharpening of the routing
 harmful; its labels make a_j ~ 1/2 under any router, so (1 - 2 eps)^2, the information a BT label
 of flip rate eps carries, gives it no say. When no upload is flagged, crossval is fedavg exactly.
-The default stays fedavg (DEFAULT_RULE) until the benchmark's weak-client settings measure crossval.
+The default is fedavg (DEFAULT_RULE), the paper's rule; crossval is the opt-in for a federation
+that expects a noisy client (the noisy setting measures it: docs/history.md).
 Privacy: crossval shows each client the other clients' individual uploads phi_k, more than fedavg.
 
 Joining and leaving without retraining (the last layer of the router has one row per RM):

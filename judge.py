@@ -3,8 +3,9 @@
   accuracy_d = mean over the domain's questions of judge(answer, gold)
   win rate   = mean over questions of 1 (policy right, reference wrong), 0 (the reverse), 0.5 (tie)
 
-The judge is exact match on the answer word (`judge`); docs/method.md says how to swap it for a
-free-form judge.
+(docs/method.md#e9-evaluation). The judge maps (response, gold) to right or wrong: `exact_match`
+on the benchmark's one-word answers, `contains_answer` for short free-form ones (JUDGES, chosen
+with --judge); any function (response: str, gold: str) -> bool can be added there.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ def contains_answer(response: str, gold: str) -> bool:
 
 
 JUDGES = {"exact": exact_match, "contains": contains_answer}
-judge = exact_match  # the default, under its old name
 
 
 def evaluate(model, encoder: models.Encoder, test: dict[str, list[data.Example]], batch_size: int = 256,

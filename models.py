@@ -13,6 +13,7 @@ What is here, in reading order:
      tensors, with the vision tower run once per distinct image; `check_lengths` refuses user
      rows that would not fit the model's context, counted the same way.
   3. Domain-balanced batches and the guarded optimizer step the training loops share.
+  4. `Progress`: the progress bar of every long loop (plain periodic lines off a terminal).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from data import (CAPTION_WORDS, EOS, POSITION_TEMPLATES, POSITIONS, _easy_vqa_r
                   load_image)
 
 # ----------------------------------------------------------------------------------------------
-# 4. Tokenizer and tiny checkpoints
+# 1. Tokenizer and tiny checkpoints
 # ----------------------------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -308,7 +309,7 @@ def _check_chat_tokens(path: str, processor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The one input-building path
+# 2. The one input-building path
 # ----------------------------------------------------------------------------------------------
 
 
@@ -496,6 +497,11 @@ def share_images(vlm, batch: dict, source: list[int]) -> dict:
     return with_image_features(batch, tuple(feats[slot[s]] for s in source))
 
 
+# ----------------------------------------------------------------------------------------------
+# 3. Batches and the guarded optimizer step
+# ----------------------------------------------------------------------------------------------
+
+
 def balanced_batches(examples: list, batch_size: int, seed: int):
     """Endless batches with an equal share of every domain (shuffled epochs per domain).
 
@@ -564,21 +570,16 @@ def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, desc: s
 
 
 # ----------------------------------------------------------------------------------------------
-# Progress of long loops
+# 4. Progress of long loops: a tqdm bar on a terminal, plain lines in a log or a worker process
 # ----------------------------------------------------------------------------------------------
-#Progress of long loops: a tqdm bar on a terminal, plain lines in a log or a worker process.
+# Every training and evaluation loop reports through `Progress` (a tqdm) with the figures that
+# matter set as its postfix (loss, reward, KL, accuracy). On a terminal it is an ordinary live bar.
+# When stderr is not a terminal (`bash train.sh > log`), or inside a worker process where two jobs
+# would overwrite one bar line, it prints one full line every `PLAIN_INTERVAL` seconds and at the
+# end, prefixed by the job's name, so a log shows every job moving.
 #
-#Every training and evaluation loop reports through `Progress` (a tqdm) with the figures that
-#matter set as its postfix (loss, reward, KL, accuracy). On a terminal it is an ordinary live bar.
-#When stderr is not a terminal (`bash train.sh > log`), or inside a worker process where two jobs
-#would overwrite one bar line, it prints one full line every `PLAIN_INTERVAL` seconds and at the
-#end, prefixed by the job's name, so a log shows every job moving.
-#
-#Importing this module also silences transformers' own per-load bars ("Loading weights", "Writing
-#model shards"): one per checkpoint load, dozens per run, none of them informative.
-
-
-
+# Importing this module also silences transformers' own per-load bars ("Loading weights", "Writing
+# model shards"): one per checkpoint load, dozens per run, none of them informative.
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

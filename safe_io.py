@@ -5,7 +5,10 @@
      image is decoded in full here, once per distinct file, because a file that only *opens*
      (a truncated JPEG, a PNG with a corrupt data chunk, a 40-megapixel decompression bomb) would
      otherwise fail or exhaust memory hours later, inside a training worker, with no location.
-  2. Crash-safe writes: a temp file beside the target, then a rename (atomic on POSIX). A killed
+  2. Uploads from outside: a checkpoint directory (--base, --client-model, a client's RM) holds
+     safetensors weights and JSON configs only, with sound headers and no request for remote
+     code; router weights are safetensors with exactly the router's keys, shapes and finite values.
+  3. Crash-safe writes: a temp file beside the target, then a rename (atomic on POSIX). A killed
      run leaves the previous good state or nothing, never half a file. Every stage output and the
      Flower apps' files go through them.
 """
@@ -24,7 +27,7 @@ from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 # ----------------------------------------------------------------------------------------------
-# 7. Users' own data: JSONL with validation
+# 1. Users' own data: JSONL with validation
 # ----------------------------------------------------------------------------------------------
 
 # kind -> (required fields, optional fields). Optional fields, when present, obey the same rule
@@ -146,7 +149,7 @@ def load_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Uploads from outside: checkpoint directories and router weights (safetensors only, no code)
+# 2. Uploads from outside: checkpoint directories and router weights (safetensors only, no code)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -260,7 +263,7 @@ def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Crash-safe writes: beside the target, then a rename (atomic on POSIX). A killed run leaves
+# 3. Crash-safe writes: beside the target, then a rename (atomic on POSIX). A killed run leaves
 #    the previous good state or nothing, never half a file. Here rather than in mor.py because
 #    the Flower apps (federation/flower_fed.py) ship this module to the sites and write the same way.
 # ----------------------------------------------------------------------------------------------

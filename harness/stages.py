@@ -629,6 +629,6 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
 
 
 # Stage name -> function, and the path whose existence marks it finished (see `Run`).
-# Stages run in this order; later issues append reward, router, grpo.
+# Stages run in this order.
 STAGES = {"base": stage_base, "sft": stage_sft, "reward": stage_reward, "router": stage_router,
           "grpo": stage_grpo, "eval": stage_eval}
