@@ -130,7 +130,7 @@ def app_modules(*roots: str | Path) -> list[Path]:
     or not (an import naming REPO/<a>/<b>.py or REPO/<a>.py). They travel inside the Flower App
     Bundle, so a SuperNode needs only the packages of requirements.txt + requirements-flower.txt,
     not this repo; found, not listed, so a module that starts importing a new one cannot break the app."""
-    todo, found = [REPO / "federation" / "federation/flower_app.py", *map(Path, roots)], {}
+    todo, found = [REPO / "federation" / "flower_app.py", *map(Path, roots)], {}
     while todo:
         path = todo.pop().resolve()
         if path in found:
