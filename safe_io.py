@@ -268,12 +268,13 @@ def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
 
 def _atomic(path: str | Path, write) -> None:
     """write(tmp) to a hidden temp path beside `path`, then rename it over `path`. Temp files a
-    killed process left for the same target (kill -9 skips every cleanup) are removed first; a
-    failed write leaves the old file and no debris."""
+    killed process left for the same target (kill -9 skips every cleanup) are removed first, those
+    of a live process never; a failed write leaves the old file and no debris."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):
-        stale.unlink(missing_ok=True)
+        if not _alive_owner(stale):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -309,16 +310,35 @@ def atomic_savefig(fig, path: str | Path) -> None:
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
+def _alive_owner(p: Path) -> bool:
+    """Is the process whose pid ends the name of temp path `p` (.name.tmp<pid>) alive, and not us?"""
+    digits = p.name[len(p.name.rstrip("0123456789")):]
+    if not digits or int(digits) == os.getpid():
+        return False
+    try:
+        os.kill(int(digits), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary directory; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of a run that was killed (kill -9 skips the cleanup below): its half-written
-    # temp dir, or the previous output parked aside between the two renames.
+    # temp dir, or the previous output parked aside between the two renames. A leftover's name
+    # ends in the pid that made it: one whose process is still alive is that process's live
+    # work (another invocation, a worker), never ours to delete.
     for stale in path.parent.glob(f".{path.name}.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _alive_owner(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     for parked in path.parent.glob(f".{path.name}.old*"):
+        if _alive_owner(parked):
+            continue
         if path.exists():
             shutil.rmtree(parked, ignore_errors=True)
         else:  # killed between the renames: the parked copy is the last good output

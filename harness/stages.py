@@ -419,8 +419,9 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     jobs of one process."""
     a, fed = run.args, run.fed
     # The pool's gold answers: read by the oracle reward and by the on-the-fly accuracy in the
-    # logs, never by the trainer's update (MoR's server has no labels).
-    gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
+    # logs, never by the trainer's update (MoR's server has no labels). None: a --prompts file
+    # without answers (pipeline.methods has left the oracle out; the logs carry no accuracy).
+    gold = fed.gold()
     out = policy_dir(run, method, seed)
     if method == "oracle":
         fn = grpo.OracleReward(gold)
@@ -481,9 +482,9 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
                                                       seconds=round(t_train, 1), memory=memory,
                                                       config=vars(grpo_config(run))))
     w = min(10, len(log["reward"])) or 1
+    acc = f"sampled accuracy {sum(log['accuracy'][-w:]) / w:.3f}" if log["accuracy"] else "no gold answers"
     return (f"grpo {method} seed {seed}: reward {sum(log['reward'][-w:]) / w:.3f}, "
-            f"kl {sum(log['kl'][-w:]) / w:.3f}, sampled accuracy {sum(log['accuracy'][-w:]) / w:.3f}, "
-            f"{time.time() - t:.0f}s")
+            f"kl {sum(log['kl'][-w:]) / w:.3f}, {acc}, {time.time() - t:.0f}s")
 
 
 def nts_summary(fn, fed) -> dict:
