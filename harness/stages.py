@@ -20,6 +20,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -465,6 +466,9 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
         provenance.record_dir(tmp, run.policy_inputs(method, seed))
         policy.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
+        live = Path(os.environ.get(models.METRICS_ENV) or "/nonexistent") / f"grpo-{method}-s{seed}.jsonl"
+        if live.is_file():  # the per-step metrics the loop appended live (models.Progress.log)
+            shutil.copyfile(live, tmp / "metrics.jsonl")
         atomic_write_json(tmp / "test_eval.json", {"accuracy": r["accuracy"], "correct": r["correct"],
                                                    "malformed_share": r["malformed_share"],
                                                    "n": run.test_signature()})
@@ -609,7 +613,8 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "per_seed": {"seeds": run.seeds(method),
                          "accuracy": {k: [e["accuracy"][k] for e in per_seed] for k in doms},
                          "overall": [sum(e["accuracy"][k] * n_q[k] for k in doms) / sum(n_q.values())
-                                     for e in per_seed]},
+                                     for e in per_seed],
+                         "malformed": [e["train_malformed"] for e in per_seed]},  # gate 5: max over seeds
         }
         if "routing_own_share" in per_seed[0]:  # hard routing: share of a domain's prompts sent to its own RM
             share = {}
