@@ -612,6 +612,18 @@ if __name__ == "__main__":
     ex.add_argument("dir")
     ex.add_argument("--seed", type=int, default=0, help="data seed (the split, the pairs, the careless labels)")
     ex.add_argument("--test-per-domain", type=int, default=None, help="first N test questions per domain")
+    im = sub.add_parser("import", help="TRL's preference format (JSONL: prompt / chosen / rejected as text or "
+                                       "messages, images) -> a --client-data pairs file")
+    im.add_argument("src")
+    im.add_argument("out")
     a = ap.parse_args()
-    for fname, n in export_benchmark(a.dir, a.seed, a.test_per_domain).items():
-        print(f"{a.dir}/{fname}: {n} rows")
+    if a.command == "import":
+        import safe_io
+
+        try:
+            print(f"{a.out}: {safe_io.import_preference(a.src, a.out, EOS)} pairs")
+        except safe_io.DataError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        for fname, n in export_benchmark(a.dir, a.seed, a.test_per_domain).items():
+            print(f"{a.dir}/{fname}: {n} rows")
