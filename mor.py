@@ -6,7 +6,9 @@ runs the stages of harness/stages.py in order (base, sft, reward, router, grpo, 
 directory. Every flag is range-checked and every user file read before any work starts. Each stage
 writes its outputs atomically with the inputs that made them (harness/provenance.py): a killed run resumes
 at the first missing output, and a rerun with other flags, clients or data redoes exactly what they
-change. `python mor.py --help` lists every flag; docs/method.md has the method.
+change. One invocation holds a run directory at a time (--wait queues behind it); --plan prints
+what a rerun would redo, --config FILE repeats a run's flags (harness/runs.py, docs/own-task.md).
+`python mor.py --help` lists every flag; docs/method.md has the method.
 """
 
 from __future__ import annotations
