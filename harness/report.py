@@ -76,7 +76,8 @@ def plots(run: Run) -> None:
                     ax.plot(smooth(mean), label=method)
         axes[0].set(title="reward of the method's own source (standardised)", xlabel="GRPO step")
         axes[1].set(title="sampled accuracy (gold, evaluator only)", xlabel="GRPO step")
-        axes[1].legend(fontsize=7)
+        # a prompt pool without gold answers has no sampled accuracy: the legend goes with the rewards
+        (axes[1] if axes[1].lines else axes[0]).legend(fontsize=7)
         fig.tight_layout()
         atomic_savefig(fig, run.dir / f"grpo-{setting}.png")
         plt.close(fig)
