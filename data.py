@@ -290,9 +290,18 @@ class Federation:
     clients: dict[str, list[Example]]
     client_domain: dict[str, str]
     pool: list[Example]
-    pool_gold: list[str]
+    pool_gold: list[str] | None  # None: a user's --prompts file without an answer on every row
     test: dict[str, list[Example]]
     image_split: dict[str, list[str]] = field(default_factory=dict)
+
+    def gold(self, domain: str | None = None) -> dict[tuple[str, str], str] | None:
+        """{(image, prompt): gold answer} of the GRPO pool (one domain's when given), for the
+        oracle reward and the logs' sampled accuracy; None when the pool has no answers (every
+        method but the oracle trains without them)."""
+        if self.pool_gold is None:
+            return None
+        return {(e.image, e.prompt): g for e, g in zip(self.pool, self.pool_gold)
+                if domain is None or e.domain == domain}
 
 
 DEFAULT_SPLIT = {"public": 600, "color": 800, "shape": 1200, "position": 800, "pool": 600}
@@ -603,6 +612,18 @@ if __name__ == "__main__":
     ex.add_argument("dir")
     ex.add_argument("--seed", type=int, default=0, help="data seed (the split, the pairs, the careless labels)")
     ex.add_argument("--test-per-domain", type=int, default=None, help="first N test questions per domain")
+    im = sub.add_parser("import", help="TRL's preference format (JSONL: prompt / chosen / rejected as text or "
+                                       "messages, images) -> a --client-data pairs file")
+    im.add_argument("src")
+    im.add_argument("out")
     a = ap.parse_args()
-    for fname, n in export_benchmark(a.dir, a.seed, a.test_per_domain).items():
-        print(f"{a.dir}/{fname}: {n} rows")
+    if a.command == "import":
+        import safe_io
+
+        try:
+            print(f"{a.out}: {safe_io.import_preference(a.src, a.out, EOS)} pairs")
+        except safe_io.DataError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        for fname, n in export_benchmark(a.dir, a.seed, a.test_per_domain).items():
+            print(f"{a.dir}/{fname}: {n} rows")

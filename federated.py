@@ -539,6 +539,7 @@ def run_rounds(router: torch.nn.Module, make_router, clients: list[Client], roun
         entry["loss"] = sum(u[2] * u[3] for u in uploads) / sum(counts)
         entry.update(on_round(router) if on_round else {})
         log.append(entry)
+        bar.log(r, clients=len(names), dropped=len(dropped), **{k: v for k, v in entry.items() if isinstance(v, float)})
         bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in entry.items()
                          if k not in ("round", "clients", "dropped", "rejected", "crossval")})
     return log

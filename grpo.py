@@ -495,6 +495,9 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         log["malformed"].append(sum(a is None for a in answers) / len(answers))
         if gold is not None:
             log["accuracy"].append(sum(a == gold[(i, p)] for a, i, p in zip(answers, imgs_g, prompts_g)) / len(answers))
+        bar.log(step, reward=log["reward"][-1], kl=kl, loss=log["loss"][-1], malformed=log["malformed"][-1],
+                accuracy=log["accuracy"][-1] if gold is not None else None,
+                reward_seconds=log["reward_seconds"][-1])  # live metrics (models.Progress.log)
         if on_step is not None:
             on_step(step, {"e": e, "rewards": rewards, "advantages": adv.cpu(), "logp": logp.detach(),
                            "ref_logp": ref_logp, "mask": mask, "group": G})

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -580,12 +581,18 @@ def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, desc: s
 #
 # Importing this module also silences transformers' own per-load bars ("Loading weights", "Writing
 # model shards"): one per checkpoint load, dozens per run, none of them informative.
+#
+# Live metrics: with $MOR_METRICS set to a folder (mor.py sets <run>/metrics/<setting>), each
+# loop's `Progress.log(step, **scalars)` appends one JSON line per step to <folder>/<desc>.jsonl
+# (started afresh when the loop starts) and, when tensorboard is installed, to an event file
+# under <folder>/tb/<desc>/: `tail -f` or `tensorboard --logdir` shows a job while it runs.
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 PLAIN_INTERVAL = 30.0  # seconds between two plain progress lines of one loop
 PLAIN_ENV = "MOR_PLAIN_PROGRESS"  # set to 1 in worker processes (stages.in_workers)
+METRICS_ENV = "MOR_METRICS"  # the live metrics folder (see above); unset: no metrics files
 
 
 def plain() -> bool:
@@ -616,6 +623,30 @@ class Progress(tqdm):
         print((msg or self.format_meter(**self.format_dict)).strip(), file=sys.stderr, flush=True)
         return True
 
+    def log(self, step: int, **scalars) -> None:
+        """One step's raw figures (not the bar's smoothed postfix) to the live metrics sinks."""
+        folder = os.environ.get(METRICS_ENV)
+        if not folder:
+            return
+        if not hasattr(self, "_sink"):  # opened on the loop's first step: a rerun starts over
+            name = "-".join(str(self.desc).split()) or "loop"
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self._sink, self._tb = open(Path(folder) / f"{name}.jsonl", "w", encoding="utf-8"), None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(folder) / "tb" / name))
+            except ImportError:  # tensorboard is optional: the JSONL file is always there
+                pass
+        vals = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._sink.write(json.dumps({"step": step, "time": round(time.time(), 3), **vals}) + "\n")
+        self._sink.flush()
+        for k, v in vals.items() if self._tb else ():
+            self._tb.add_scalar(k, v, step)
+
     def close(self):
         self._closing = True
         super().close()
+        if hasattr(self, "_sink"):
+            self._sink.close()
+            if self._tb:
+                self._tb.close()

@@ -6,7 +6,9 @@ runs the stages of harness/stages.py in order (base, sft, reward, router, grpo, 
 directory. Every flag is range-checked and every user file read before any work starts. Each stage
 writes its outputs atomically with the inputs that made them (harness/provenance.py): a killed run resumes
 at the first missing output, and a rerun with other flags, clients or data redoes exactly what they
-change. `python mor.py --help` lists every flag; docs/method.md has the method.
+change. One invocation holds a run directory at a time (--wait queues behind it); --plan prints
+what a rerun would redo, --config FILE repeats a run's flags (harness/runs.py, docs/own-task.md).
+`python mor.py --help` lists every flag; docs/method.md has the method.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import router
 import safe_io
 from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, SETTINGS, STAGE_OUTPUT,
                               USER_FAMILY, Run, methods)
+from harness import runs
 from harness.report import results_markdown
 from harness.stages import STAGES, preflight
 from judge import JUDGES
@@ -44,6 +47,14 @@ UPSTREAM = {"base": [], "sft": ["base"], "reward": ["base"], "router": ["sft", "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # -- the run: where, which stages, how many processes ---------------------------------------
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="take the flags of a run's config.json (its last invocation) or of a JSON / YAML object "
+                        "of flags as defaults; flags on the command line override them")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each stage would do (kept: fresh; runs: stale, with the input that changed, "
+                        "or missing) and exit without doing it")
+    p.add_argument("--wait", action="store_true",
+                   help="when another invocation holds the run directory, wait for it instead of stopping")
     p.add_argument("--run-dir", default="runs/default", help="where every stage writes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the init and every sampler")
     p.add_argument("--quick", action="store_true",
@@ -163,6 +174,12 @@ def parse_args(argv=None):
                    help="share of prompts probed by every RM for --nts-feedback probe (RM rows per sample: "
                         "1 + p (K - 1); default %(default)s: with K = 3, (1 + 2p) / 3 = 39%% of the soft "
                         "mixture's rows, under the 40%% budget; 0.25 measured 49%%)")
+    # --config first: its values become the parser's defaults, so the command line overrides them
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    cfg_file = pre.parse_known_args(argv)[0].config
+    if cfg_file:
+        p.set_defaults(**runs.config_defaults(p, cfg_file))
     a = p.parse_args(argv)
     size = QUICK if a.quick else DEFAULT
     for k, v in size.items():
@@ -289,6 +306,19 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.plan:  # reads the run directory, writes nothing: no lock needed
+        try:
+            print("\n".join(runs.plan(Run(a))))
+        except safe_io.DataError as e:
+            raise SystemExit(f"error: {e}") from None
+        return 0
+    # One invocation per run directory at a time (harness/runs.py); --full's settings re-enter here
+    # one after the other in this process, which already holds it.
+    with runs.locked(a.run_dir, a.wait):
+        return _main(a, argv)
+
+
+def _main(a, argv) -> int:
     if a.full:
         # One run directory, six settings: sft and the RMs of shared families are reused (the
         # many-client settings keep the heterogeneous experts' RMs and add the narrow clients').
@@ -318,6 +348,20 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
+    # Live per-step metrics of every loop (models.Progress.log): <run>/metrics/<setting>/<loop>.jsonl,
+    # TensorBoard event files beside them when tensorboard is installed; workers inherit it.
+    before = os.environ.get(models.METRICS_ENV)
+    os.environ[models.METRICS_ENV] = str(run.dir / "metrics" / a.setting)
+    try:
+        return _stages(run, a)
+    finally:  # an in-process caller (the tests, --full's next setting) gets its own folder
+        if before is None:
+            os.environ.pop(models.METRICS_ENV, None)
+        else:
+            os.environ[models.METRICS_ENV] = before
+
+
+def _stages(run: Run, a) -> int:
     # The flags of the latest invocation; what each stage actually ran with is added under
     # "stages" as it completes (Run.record), so config.json never claims a flag a stage ignored.
     cfg_path = run.dir / "config.json"
@@ -332,6 +376,9 @@ def main(argv=None) -> int:
     # A stage runs when --force names it or its output is missing or stale (harness/provenance.py): made
     # from other flags, another client set or other data than this invocation asks for.
     pending = [n for n in names if a.force or not run.stage_fresh(n)]
+    gap = runs.missing_upstream(run, pending)  # an input nobody here makes: one line, not a traceback
+    if gap:
+        raise SystemExit(gap)
     for name in pending:  # a stage never reads a stale upstream output that this run will not redo
         ups = UPSTREAM[name]
         if name == "grpo" and not any(m.startswith("mor") for m in methods(run)):

@@ -71,7 +71,7 @@ def train_sft(model, encoder: models.Encoder, examples: list[data.Example], step
     losses = []
     model.train()
     bar = Progress(range(steps), desc=desc, dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         b = next(batches)
         # chosen = gold answer + end token: the reference must learn to stop after one word,
         # or every later reward model sees malformed samples from the very first GRPO step.
@@ -81,6 +81,7 @@ def train_sft(model, encoder: models.Encoder, examples: list[data.Example], step
         if not models.guarded_step(opt, loss, model.parameters(), desc):
             continue
         losses.append(loss.item())
+        bar.log(step, loss=losses[-1])  # live metrics (models.Progress.log)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
     return losses
@@ -283,7 +284,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
     batches = models.image_batches([*pairs, *format_pairs], cfg.batch, seed)
     rm.train()
     bar = Progress(range(cfg.steps), desc=f"{desc} bt", dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         b = next(batches)
         if cfg.lm_weight > 0:
             rc, rr, ce = rm.pair_rewards(b, lm_loss=True)
@@ -295,6 +296,7 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
             continue
         log["loss"].append(loss.item())
         log["train_acc"].append((rc > rr).float().mean().item())
+        bar.log(step, loss=log["loss"][-1], train_acc=log["train_acc"][-1])
         bar.set_postfix(loss=f"{sum(log['loss'][-20:]) / len(log['loss'][-20:]):.3f}",
                         acc=f"{sum(log['train_acc'][-20:]) / len(log['train_acc'][-20:]):.3f}")
     # Stats over the training pairs only (never another client's data), shipped in reward.json.

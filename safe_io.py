@@ -99,6 +99,9 @@ def _row(raw: bytes, where: str, n: int, path: Path, kind: str, checked: dict) -
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if kind == "pairs" and ("images" in row or any(isinstance(row.get(k), list) for k in need)):
+        raise DataError(f"{where}: this looks like TRL's preference format ('images', or messages as lists); "
+                        f"convert the file first: python data.py import {path} OUT.jsonl")
     for key in need:
         if key not in row:
             raise DataError(f"{where}: missing field '{key}' (needs {', '.join(need)})")
@@ -262,6 +265,104 @@ def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
 
 
 
+def with_end_token(rows: list[dict], path: str | os.PathLike, end: str) -> list[dict]:
+    """Pair rows as a policy sample looks: every sample the policy writes ends in the end token
+    `end` (data.EOS), and the format guard and the embedded pairs rely on it, so an RM trained on
+    responses without it would score text no sample ever looks like.
+
+    A file whose `chosen` responses never carry it (plain text, TRL's format) gets it appended to
+    every chosen and rejected response. A file that uses it (`data.py export`, `data.py import`)
+    is taken as written, where a `rejected` response may lack it on purpose (a truncated answer is
+    a malformed sample to rank low), but a `chosen` one without it is refused with its line: the
+    response to prefer must be one a policy could write."""
+    if not any(r["chosen"].endswith(end) for r in rows):
+        return [dict(r, chosen=r["chosen"].rstrip() + end, rejected=r["rejected"].rstrip() + end) for r in rows]
+    for r in rows:
+        if not r["chosen"].endswith(end):
+            raise DataError(f"{path}:{r['_line']}: field 'chosen' does not end in {end} although other rows' do; "
+                            f"end every chosen response with {end}, or none (then it is appended to all)")
+    return rows
+
+
+def _text(content, where: str, field: str) -> str:
+    """A TRL message's content (a string, or parts [{"type": "text", "text": ...}, {"type": "image"}])."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(c, dict) for c in content):
+        return "".join(c.get("text", "") for c in content if c.get("type") == "text")
+    raise DataError(f"{where}: field '{field}': a message's content must be text or a list of parts")
+
+
+def _messages(v, where: str, field: str, roles: tuple[str, ...]) -> str:
+    """TRL's text or conversational field -> one string; conversational: only messages of `roles`."""
+    if isinstance(v, str):
+        return v
+    if not (isinstance(v, list) and v and all(isinstance(m, dict) and "content" in m for m in v)):
+        raise DataError(f"{where}: field '{field}' must be text or a list of messages {{role, content}}")
+    bad = [m.get("role") for m in v if m.get("role") not in roles]
+    if bad:
+        raise DataError(f"{where}: field '{field}': a message of role {bad[0]!r} where only {'/'.join(roles)} "
+                        "may stand (multi-turn conversations are not supported)")
+    return "\n".join(_text(m["content"], where, field) for m in v)
+
+
+def import_preference(src: str | os.PathLike, out: str | os.PathLike, end: str) -> int:
+    """TRL's preference format (JSONL) -> this project's pairs file; returns the rows written.
+
+    Read per line: `prompt`, `chosen`, `rejected` as text, or as conversational messages
+    ([{"role": "user", "content": ...}], the chosen and rejected an assistant's); or, with an
+    implicit prompt, `chosen` and `rejected` as whole conversations that share all but their last
+    (assistant) message; the image as `images` (a list of one path, or {"path": ...}) or `image`.
+    Written: image (relative to OUT), prompt, chosen and rejected ending in `end`, and `domain`
+    when the row has one; OUT appears whole or not at all. Image paths are relative to SRC. An
+    error names SRC:line and the field; a row with several images or none is refused (each pair
+    here is about one image). A Hub dataset is JSONL after `dataset.to_json(path)`."""
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise DataError(f"{src}: file not found")
+    rows = []
+    with open(src, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{src}:{n}"
+            line = _decode_line(raw, where, n == 1)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+                raise DataError(f"{where}: expected an object with 'chosen' and 'rejected' (and 'prompt', 'images')")
+            chosen, rejected = row["chosen"], row["rejected"]
+            if "prompt" in row:
+                prompt = _messages(row["prompt"], where, "prompt", ("system", "user"))
+            elif isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1 and chosen[:-1] == rejected[:-1]:
+                prompt, chosen, rejected = _messages(chosen[:-1], where, "chosen", ("system", "user")), chosen[-1:], rejected[-1:]
+            else:
+                raise DataError(f"{where}: no 'prompt', and 'chosen' / 'rejected' are not conversations that share "
+                                "their prompt messages")
+            images = row.get("images", [row["image"]] if "image" in row else [])
+            images = images if isinstance(images, list) else [images]
+            if len(images) != 1:
+                raise DataError(f"{where}: field 'images': expected exactly one image, got {len(images)}")
+            img = images[0].get("path") if isinstance(images[0], dict) else images[0]
+            if not isinstance(img, str) or not (src.parent / img).is_file():
+                raise DataError(f"{where}: field 'images': not a path to an image file: {str(img)[:80]}")
+            texts = [_messages(x, where, k, ("assistant",)).strip() for k, x in (("chosen", chosen), ("rejected", rejected))]
+            if not prompt.strip() or not all(texts):
+                raise DataError(f"{where}: an empty prompt, chosen or rejected response")
+            r = {"image": os.path.relpath((src.parent / img).resolve(), out.parent.resolve()), "prompt": prompt,
+                 "chosen": texts[0] if texts[0].endswith(end) else texts[0] + end,
+                 "rejected": texts[1] if texts[1].endswith(end) else texts[1] + end}
+            if isinstance(row.get("domain"), str) and row["domain"].strip():
+                r["domain"] = row["domain"]
+            rows.append(json.dumps(r, ensure_ascii=False))
+    if not rows:
+        raise DataError(f"{src}: empty file (no rows)")
+    atomic_write_text(out, "\n".join(rows) + "\n")
+    return len(rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Crash-safe writes: beside the target, then a rename (atomic on POSIX). A killed run leaves
 #    the previous good state or nothing, never half a file. Here rather than in mor.py because
@@ -271,12 +372,13 @@ def state_problem(state, want: dict[str, torch.Tensor]) -> str | None:
 
 def _atomic(path: str | Path, write) -> None:
     """write(tmp) to a hidden temp path beside `path`, then rename it over `path`. Temp files a
-    killed process left for the same target (kill -9 skips every cleanup) are removed first; a
-    failed write leaves the old file and no debris."""
+    killed process left for the same target (kill -9 skips every cleanup) are removed first, those
+    of a live process never; a failed write leaves the old file and no debris."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):
-        stale.unlink(missing_ok=True)
+        if not _alive_owner(stale):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -312,16 +414,35 @@ def atomic_savefig(fig, path: str | Path) -> None:
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
+def _alive_owner(p: Path) -> bool:
+    """Is the process whose pid ends the name of temp path `p` (.name.tmp<pid>) alive, and not us?"""
+    digits = p.name[len(p.name.rstrip("0123456789")):]
+    if not digits or int(digits) == os.getpid():
+        return False
+    try:
+        os.kill(int(digits), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary directory; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of a run that was killed (kill -9 skips the cleanup below): its half-written
-    # temp dir, or the previous output parked aside between the two renames.
+    # temp dir, or the previous output parked aside between the two renames. A leftover's name
+    # ends in the pid that made it: one whose process is still alive is that process's live
+    # work (another invocation, a worker), never ours to delete.
     for stale in path.parent.glob(f".{path.name}.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _alive_owner(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     for parked in path.parent.glob(f".{path.name}.old*"):
+        if _alive_owner(parked):
+            continue
         if path.exists():
             shutil.rmtree(parked, ignore_errors=True)
         else:  # killed between the renames: the parked copy is the last good output

@@ -119,7 +119,7 @@ def bench_ours(args, fed) -> dict:
 
     # The pool's gold answers are read only by the oracle reward (as in stages.stage_grpo).
     t = time.perf_counter()
-    gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
+    gold = pool_gold(fed)
     policy, proc = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")
     ref, _ = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")  # frozen pi_ref
     setup_s = time.perf_counter() - t
@@ -195,12 +195,22 @@ def bench_ours(args, fed) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def pool_gold(fed) -> dict:
+    """{(image, prompt): answer}: both sides train the oracle, whose reward needs every answer."""
+    gold = fed.gold()
+    if gold is None:
+        raise SystemExit("bench: the prompt pool has no gold answers; the oracle reward needs them")
+    return gold
+
+
 def write_prompts(fed, path: Path) -> Path:
     """The pool as JSONL (absolute image path, question, gold) for the TRL side, which imports
     nothing from the project: its venv only needs trl and the images on disk."""
+    gold = pool_gold(fed)
     with open(path, "w") as f:
-        for e, g in zip(fed.pool, fed.pool_gold):
-            f.write(json.dumps({"image": os.path.abspath(e.image), "prompt": e.prompt, "answer": g}) + "\n")
+        for e in fed.pool:
+            f.write(json.dumps({"image": os.path.abspath(e.image), "prompt": e.prompt,
+                                "answer": gold[e.image, e.prompt]}) + "\n")
     return path
 
 

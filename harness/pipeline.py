@@ -154,9 +154,12 @@ class Run:
         self._rows: dict[tuple, list[dict]] = {}
 
     def rows(self, path: str, kind: str) -> list[dict]:
-        """A user JSONL file, validated row by row (safe_io.load_jsonl), read once per process."""
+        """A user JSONL file, validated row by row (safe_io.load_jsonl), read once per process;
+        preference pairs get the end token where the file has none (safe_io.with_end_token)."""
         if (path, kind) not in self._rows:
-            self._rows[path, kind] = safe_io.load_jsonl(path, kind)
+            rows = safe_io.load_jsonl(path, kind)
+            # pairs end in the end token, as every policy sample does (appended to a file without it)
+            self._rows[path, kind] = safe_io.with_end_token(rows, path, data.EOS) if kind == "pairs" else rows
         return self._rows[path, kind]
 
     @property

@@ -76,7 +76,8 @@ def plots(run: Run) -> None:
                     ax.plot(smooth(mean), label=method)
         axes[0].set(title="reward of the method's own source (standardised)", xlabel="GRPO step")
         axes[1].set(title="sampled accuracy (gold, evaluator only)", xlabel="GRPO step")
-        axes[1].legend(fontsize=7)
+        # a prompt pool without gold answers has no sampled accuracy: the legend goes with the rewards
+        (axes[1] if axes[1].lines else axes[0]).legend(fontsize=7)
         fig.tight_layout()
         atomic_savefig(fig, run.dir / f"grpo-{setting}.png")
         plt.close(fig)
@@ -141,10 +142,14 @@ def gates(r: dict) -> dict:
     """The benchmark's soundness gates (docs/benchmark.md, "the six gates"): {name: {pass, value, threshold}}. A failed gate is reported, never hidden.
       1 blind baseline: max over domains of (blind - chance) <= 0.05
       2 reference: min over domains of (reference - blind) >= 0.10, and overall <= 0.80
-      3 client RMs: min over clients of the in-domain held-out pair accuracy >= 0.90
+      3 client RMs: min over the domain experts (the clients named after a domain) of their RM's
+        held-out pair accuracy on their own pairs >= 0.90; the scenario clients (bucket's weak,
+        noisy's noisy, the narrow clients of many6 / many12) are what those settings study, and
+        the noisy one cannot pass by construction: the RM matrix reports them
       4 oracle GRPO: min over domains of (oracle policy - reference), mean over seeds, >= 0.05
-      5 no reward hacking: max over methods of the largest 10-step moving share of malformed
-        samples during GRPO < 0.05 (the final KL of each method is in the table)"""
+      5 no reward hacking: max over methods *and seeds* of the largest 10-step moving share of
+        malformed samples during GRPO < 0.05: one hacked seed fails it, however clean the
+        others (the final KL of each method is in the table)"""
     doms, n = r["domains"], r["eval_questions_per_domain"]
     out = {}
     v = max(r["blind"][d] - r["chance"][d] for d in doms)
@@ -163,7 +168,9 @@ def gates(r: dict) -> dict:
         v = min(ms["oracle"]["accuracy"][d]["mean"] - r["reference"][d] for d in doms)
         out["4_oracle_grpo_gain"] = {"pass": v >= 0.05, "value": v, "threshold": 0.05}
     if ms:
-        v = max(m["malformed_share"]["mean"] for m in ms.values())
+        # per seed when the table has it (older results.json: the mean over seeds, all they kept)
+        v = max(max(m["per_seed"]["malformed"]) if "malformed" in m.get("per_seed", {}) else m["malformed_share"]["mean"]
+                for m in ms.values())
         out["5_no_reward_hacking"] = {"pass": v < 0.05, "value": v, "threshold": 0.05}
     return out
 

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -419,8 +420,9 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     jobs of one process."""
     a, fed = run.args, run.fed
     # The pool's gold answers: read by the oracle reward and by the on-the-fly accuracy in the
-    # logs, never by the trainer's update (MoR's server has no labels).
-    gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
+    # logs, never by the trainer's update (MoR's server has no labels). None: a --prompts file
+    # without answers (pipeline.methods has left the oracle out; the logs carry no accuracy).
+    gold = fed.gold()
     out = policy_dir(run, method, seed)
     if method == "oracle":
         fn = grpo.OracleReward(gold)
@@ -464,6 +466,9 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
         provenance.record_dir(tmp, run.policy_inputs(method, seed))
         policy.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
+        live = Path(os.environ.get(models.METRICS_ENV) or "/nonexistent") / f"grpo-{method}-s{seed}.jsonl"
+        if live.is_file():  # the per-step metrics the loop appended live (models.Progress.log)
+            shutil.copyfile(live, tmp / "metrics.jsonl")
         atomic_write_json(tmp / "test_eval.json", {"accuracy": r["accuracy"], "correct": r["correct"],
                                                    "malformed_share": r["malformed_share"],
                                                    "n": run.test_signature()})
@@ -481,9 +486,9 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
                                                       seconds=round(t_train, 1), memory=memory,
                                                       config=vars(grpo_config(run))))
     w = min(10, len(log["reward"])) or 1
+    acc = f"sampled accuracy {sum(log['accuracy'][-w:]) / w:.3f}" if log["accuracy"] else "no gold answers"
     return (f"grpo {method} seed {seed}: reward {sum(log['reward'][-w:]) / w:.3f}, "
-            f"kl {sum(log['kl'][-w:]) / w:.3f}, sampled accuracy {sum(log['accuracy'][-w:]) / w:.3f}, "
-            f"{time.time() - t:.0f}s")
+            f"kl {sum(log['kl'][-w:]) / w:.3f}, {acc}, {time.time() - t:.0f}s")
 
 
 def nts_summary(fn, fed) -> dict:
@@ -608,7 +613,8 @@ def evaluate_methods(run: Run, ref_correct: dict) -> dict:
             "per_seed": {"seeds": run.seeds(method),
                          "accuracy": {k: [e["accuracy"][k] for e in per_seed] for k in doms},
                          "overall": [sum(e["accuracy"][k] * n_q[k] for k in doms) / sum(n_q.values())
-                                     for e in per_seed]},
+                                     for e in per_seed],
+                         "malformed": [e["train_malformed"] for e in per_seed]},  # gate 5: max over seeds
         }
         if "routing_own_share" in per_seed[0]:  # hard routing: share of a domain's prompts sent to its own RM
             share = {}

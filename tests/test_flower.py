@@ -376,8 +376,11 @@ def test_b_killed_supernode_round_completes_with_survivors(deployed):
     r1 = s["rounds"][1]
     assert r1["clients"] == ["c0", "c2"] and list(r1["dropped"]) == ["c1"]
     assert r1["dropped"]["c1"] == flower_app.OFFLINE + " during the round"
-    # heartbeats every 17.5-22.5 s, offline 60 s after the last one; the ServerApp looks every second
-    assert 35 < r1["seconds"] < 75, r1["seconds"]
+    # heartbeats every 17.5-22.5 s, offline 60 s after the last one: never before 35 s (a lower
+    # bound that load cannot break: it only slows things); the reason above says the SuperLink's
+    # offline verdict ended the round, so the upper bound is the round timeout it beat, not a
+    # wall-clock window a loaded machine can miss
+    assert 35 < r1["seconds"] < ROUND_TIMEOUT, r1["seconds"]
     log = (deployed["dir"] / "logs" / "serverapp.log").read_text()  # the ServerApp's streamed log
     assert "round   1: routing loss" in log and "dropped c1: SuperNode offline" in log
     assert math.isfinite(r1["loss"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFile
 
 import data
@@ -195,11 +196,20 @@ def test_context_length_reads_the_text_models_positions(tmp_path):
 # -- checkpoint directories ---------------------------------------------------------------------
 
 
-def test_check_model_dir_refuses_a_broken_checkpoint_without_loading_weights(tmp_path, tiny_dirs):
+def test_check_model_dir_refuses_a_broken_checkpoint_without_loading_weights(tmp_path, tiny_dirs, monkeypatch):
+    import safetensors.torch
+    import transformers
+
+    def no(*a, **k):
+        raise AssertionError("check_model_dir loaded weights")
+
+    # every way weights could load fails the test (a wall-clock bound would fail on a loaded machine)
     src = Path(tiny_dirs["qwen2_vl"])
-    t = time.time()
-    info = models.check_model_dir(src)
-    assert time.time() - t < 5  # no weights loaded
+    with monkeypatch.context() as m:
+        for mod, name in ((safetensors.torch, "load_file"), (safetensors.torch, "load"), (torch, "load")):
+            m.setattr(mod, name, no)
+        m.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no))
+        info = models.check_model_dir(src)
     assert info == {"model_type": "qwen2_vl", "context_length": 1024,
                     "vocab_size": json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]}
 
@@ -334,3 +344,60 @@ def test_export_is_a_command():
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "export", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--seed" in r.stdout
+
+
+# -- preference pairs end as a policy sample does; TRL's format converts in one command ---------
+
+
+def test_pairs_without_the_end_token_get_it_and_a_mixed_file_names_its_line(tmp_path, row):
+    plain = dict(row, chosen="red", rejected="blue ")
+    rows = safe_io.with_end_token(safe_io.load_jsonl(_write(tmp_path / "p.jsonl", [plain, plain]), "pairs"),
+                                  tmp_path / "p.jsonl", data.EOS)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("red" + data.EOS, "blue" + data.EOS)] * 2
+    # a file that uses the end token keeps a rejected response without it (a malformed sample)...
+    kept = dict(row, rejected="blue")
+    rows = safe_io.load_jsonl(_write(tmp_path / "e.jsonl", [row, kept]), "pairs")
+    assert safe_io.with_end_token(rows, "e.jsonl", data.EOS)[1]["rejected"] == "blue"
+    # ...but not a chosen one
+    rows = safe_io.load_jsonl(_write(tmp_path / "m.jsonl", [row, plain]), "pairs")
+    with pytest.raises(safe_io.DataError, match=r"m.jsonl:2: field 'chosen' does not end in <\|im_end\|>"):
+        safe_io.with_end_token(rows, "m.jsonl", data.EOS)
+
+
+def test_trl_preference_rows_convert_to_pairs_in_every_form(tmp_path, row):
+    (tmp_path / "trl").mkdir()
+    shutil.move(tmp_path / "a.png", tmp_path / "trl" / "a.png")
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape?"}]}]
+    said = lambda t: [{"role": "assistant", "content": [{"type": "text", "text": t}]}]  # noqa: E731
+    src = _write(tmp_path / "trl" / "prefs.jsonl", [
+        {"images": ["a.png"], "prompt": "what color is the shape?", "chosen": "red", "rejected": "blue"},  # text
+        {"images": [{"path": "a.png"}], "prompt": user, "chosen": said("red"), "rejected": said("blue"),
+         "domain": "color"},  # conversational
+        {"image": "a.png", "chosen": user + said("red"), "rejected": user + said("blue")},  # implicit prompt
+    ])
+    out = tmp_path / "mine" / "pairs.jsonl"
+    assert safe_io.import_preference(src, out, data.EOS) == 3
+    pairs = data.pairs_from_rows(safe_io.load_jsonl(out, "pairs"), "clinic")
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("what color is the shape?", "red" + data.EOS, "blue" + data.EOS)] * 3
+    assert {p.image for p in pairs} == {str((tmp_path / "trl" / "a.png").resolve())}
+    assert [p.domain for p in pairs] == ["clinic", "color", "clinic"]
+    # refusals name the line and the field; the TRL file handed to --client-data points here
+    _write(src, [{"images": ["a.png", "a.png"], "prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(safe_io.DataError, match=r"prefs.jsonl:1: field 'images': expected exactly one image"):
+        safe_io.import_preference(src, out, data.EOS)
+    _write(src, [{"images": ["a.png"], "prompt": user + said("x"), "chosen": said("a"), "rejected": said("b")}])
+    with pytest.raises(safe_io.DataError, match=r"prefs.jsonl:1: field 'prompt': a message of role 'assistant'"):
+        safe_io.import_preference(src, out, data.EOS)
+    _refused(src, "pairs", "looks like TRL's preference format.*python data.py import")
+
+
+def test_import_is_a_command(tmp_path, row):
+    src = _write(tmp_path / "prefs.jsonl", [{"images": ["a.png"], "prompt": "q?", "chosen": "a", "rejected": "b"}])
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "import", str(src), str(tmp_path / "out.jsonl")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 pairs" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "import", str(tmp_path / "none.jsonl"),
+                        str(tmp_path / "out2.jsonl")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().endswith("none.jsonl: file not found")
+    assert "Traceback" not in r.stderr

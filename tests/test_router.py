@@ -1,6 +1,7 @@
 """Router and federated rounds (E2-E4, E8): values, learning on a synthetic federation, faults."""
 import math
 import re
+import threading
 import time
 
 import pytest
@@ -93,9 +94,13 @@ class _Broken(Client):
         raise ConnectionError("client went offline")
 
 
+_RELEASE = threading.Event()
+
+
 class _Slow(Client):
     def router_update(self, *a, **k):
-        time.sleep(3)
+        # hangs until the test is over, however long the round's deadline: never "fast enough"
+        _RELEASE.wait(120)
         return super().router_update(*a, **k)
 
 
@@ -105,8 +110,14 @@ def test_a_failing_or_slow_client_is_skipped_and_an_empty_round_fails():
     bad.__class__, slow.__class__ = _Broken, _Slow
     make = lambda: router.Router(D, K, hidden=16)  # noqa: E731
     model = make()
-    log = run_rounds(model, make, [good, bad, slow], rounds=2, local_epochs=1, lr=1e-2, batch_size=64,
-                     timeout_s=1.0)
+    # the deadline leaves the good client's few-ms update room on a loaded machine; the slow one
+    # waits for an event, not a sleep a loaded machine could outlast
+    _RELEASE.clear()
+    try:
+        log = run_rounds(model, make, [good, bad, slow], rounds=2, local_epochs=1, lr=1e-2, batch_size=64,
+                         timeout_s=4.0)
+    finally:
+        _RELEASE.set()
     for entry in log:
         assert entry["clients"] == ["d0"]
         assert "offline" in entry["dropped"]["d1"] and "timed out" in entry["dropped"]["d2"]
