@@ -448,8 +448,10 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     policy, proc = models.load_vlm(run.dir / "base", device=run.device)
     ref, _ = models.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
     t = time.time()
+    # the image features of the base's frozen tower serve every job of this process (ImageFeatures.bind
+    # empties the cache if a job's tower differs)
     log = grpo.train_grpo(policy, ref, models.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
-                          desc=f"grpo {method} s{seed}")
+                          desc=f"grpo {method} s{seed}", features=cache.setdefault("features", grpo.ImageFeatures()))
     t_train = time.time() - t
     if len(set(log["skipped"])) >= a.grpo_steps:  # never report a policy that was not trained
         raise RuntimeError(f"grpo {method} seed {seed}: all {a.grpo_steps} steps were skipped (non-finite "
