@@ -189,7 +189,7 @@ def score_unique(rm, images, prompts, responses) -> tuple[torch.Tensor, int]:
     index: dict = {}
     slot = [index.setdefault(t, len(index)) for t in zip(images, prompts, responses)]
     uniq = list(index)
-    r = rm.standardized(rm.score([u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
+    r = rm.standardized(rm_score(rm, [u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
     return r[torch.tensor(slot)], len(uniq)
 
 
@@ -571,8 +571,7 @@ def vision_parameters(vlm) -> list:
 
 
 def same_vision(a, b) -> bool:
-    """True when two VLMs' image encoders hold the same weights (then they map an image to the
-    same features and may share one ImageFeatures cache)."""
+    """Do two VLMs' image encoders hold the same weights (and may share one ImageFeatures)?"""
     pa, pb = vision_parameters(a), vision_parameters(b)
     return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
 
@@ -621,11 +620,21 @@ class ImageFeatures:
                 self.bytes += f.numel() * f.element_size()
             self.computed += len(todo)
         self.reused += len(keys) - len(todo)
-        out = []
         for k in keys:
-            self.store.move_to_end(k)
-            out.append(self.store[k][1])
+            self.store.move_to_end(k)  # most recently used last
+        out = tuple(self.store[k][1] for k in keys)
         while self.bytes > self.max_bytes and len(self.store) > len(set(keys)):  # this batch's stay
             _, (_, f) = self.store.popitem(last=False)
             self.bytes -= f.numel() * f.element_size()
-        return tuple(out)
+        return out
+
+
+def rm_score(rm, images, prompts, responses) -> torch.Tensor:
+    """rm.score, with the RM's image features from `rm.image_features` (an ImageFeatures bound to
+    its tower) when it has one: a client RM is frozen during GRPO, so each image's features are
+    computed once per worker instead of once per step and RM."""
+    cache = getattr(rm, "image_features", None)
+    if cache is None:
+        return rm.score(images, prompts, responses)
+    batch = rm.encoder(images, prompts, responses, rm.device)
+    return rm(**models.with_image_features(batch, cache(rm.vlm, batch, images)))

@@ -376,3 +376,34 @@ def test_cached_vision_path_gives_the_uncached_losses_and_leaves_the_tower_untou
         assert torch.allclose(a, b, atol=1e-4), n
     # --train-vision: the tower does get updated (the check above can fail)
     assert any(not torch.equal(p, q) for p, q in zip(grpo.vision_parameters(pt), v0))
+
+
+def test_evaluation_with_cached_features_gives_the_same_answers(policy, fed):
+    import judge
+
+    vlm, enc = policy
+    exs = sorted((e for d in data.DOMAINS for e in fed.test[d][:12]), key=lambda e: e.image)
+    args = (vlm, enc, [e.image for e in exs], [e.prompt for e in exs])
+    want = judge.generate(*args, share_images=True, max_new_tokens=3)
+    assert len(set(want)) > 3  # varied answers: the comparison below can fail
+    cache = grpo.ImageFeatures().bind(vlm)
+    assert judge.generate(*args, max_new_tokens=3, features=cache) == want
+    n = cache.computed
+    assert judge.generate(*args, max_new_tokens=3, features=cache) == want and cache.computed == n
+    test = {d: fed.test[d][:6] for d in data.DOMAINS}
+    assert judge.evaluate(vlm, enc, test, features=cache) == judge.evaluate(vlm, enc, test)
+
+
+def test_rm_scores_with_cached_features_equal_the_plain_scores(tiny_dirs, fed):
+    import reward
+
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_5_vl"])
+    rm = reward.RewardModel(vlm, proc).eval()
+    exs = fed.pool[:4]
+    args = ([e.image for e in exs] * 2, [e.prompt for e in exs] * 2, ["red<|im_end|>"] * 4 + ["circle"] * 4)
+    with torch.no_grad():
+        want = rm.score(*args)
+        rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
+        got, again = grpo.rm_score(rm, *args), grpo.rm_score(rm, *args)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(again, want, atol=1e-5)
+    assert rm.image_features.computed == 4  # 4 distinct images, encoded once over both calls
