@@ -22,7 +22,7 @@ v(x) = tower(pixels) are the same in every pass of the job -- rollout, reference
 pi_ref is the policy's starting point and the tower never moves. `ImageFeatures` computes each
 image's v(x) once and hands the cached tensors to all three.
 
-What makes a step cheap on CPU (profiled by bench/profile.py, docs/profile.md):
+What makes a step cheap on CPU (profiled by bench/profile_run.py, docs/profile.md):
   * one `generate` call per step for all N x G samples; the image features enter once per prompt
     and transformers expands them G times;
   * the vision tower runs once per distinct image of the job (frozen) or per step (trained), never

@@ -2,7 +2,7 @@
 RM loop and evaluation, by phase; each phase's model FLOPs against what these cores reach on a
 plain matmul of the model's widths, measured in the same run.
 
-  .venv/bin/python -m bench.profile --run-dir runs/default --threads 1 --out docs/profile.json --md docs/profile.md
+  .venv/bin/python -m bench.profile_run --run-dir runs/default --threads 1 --out docs/profile.json --md docs/profile.md
 
 What it runs: a representative slice of each loop, on the run directory's checkpoints (the
 reference `base/`, the client RMs under `clients/` when the reward stage has run):
@@ -399,7 +399,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.model_dir = args.model_dir or str(Path(args.run_dir) / "base")
     if not (Path(args.model_dir) / "config.json").is_file():
-        p.exit(2, f"bench/profile.py: no checkpoint at {args.model_dir}; build it first "
+        p.exit(2, f"bench/profile_run.py: no checkpoint at {args.model_dir}; build it first "
                   "(python mor.py --stages base,sft) or pass --model-dir DIR\n")
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
@@ -416,7 +416,7 @@ def main(argv=None):
     M = 128 * 40
     by_width = matmul_peak(M, H, widths)
     peak = max(v["gflops_per_s"] for v in by_width.values())
-    res = {"command": " ".join([os.path.basename(sys.executable), "-m", "bench.profile", *sys.argv[1:]]),
+    res = {"command": " ".join([os.path.basename(sys.executable), "-m", "bench.profile_run", *sys.argv[1:]]),
            "threads": torch.get_num_threads(), "model_dir": args.model_dir, "loadavg": open("/proc/loadavg").read().split()[:3],
            "peak": {"gflops_per_s": peak, "by_width": by_width}}
     timings = Path(args.run_dir) / "wall_seconds.json"
