@@ -16,17 +16,26 @@ pi_ref is the frozen reference policy (the SFT model the run started from). With
 update, pi_old = pi_theta at the time of sampling, so the ratio is 1 in value and only its
 gradient matters; with mu > 1 the old log-probs are computed once before the updates.
 
-What makes a step cheap on CPU (measured in docs/results.md):
-  * one `generate` call per step for all N x G samples; transformers pre-encodes each image once
-    and expands it G times;
-  * the policy and reference forwards over the N x G sampled rows run the vision tower on the N
-    distinct images only (features shared across the group, `models.image_features`);
+The policy's vision tower is frozen (the paper's design; GRPOConfig.train_vision, --train-vision
+to train it): E5's gradient then reaches the language model only, and an image's features
+v(x) = tower(pixels) are the same in every pass of the job -- rollout, reference, policy -- since
+pi_ref is the policy's starting point and the tower never moves. `ImageFeatures` computes each
+image's v(x) once and hands the cached tensors to all three.
+
+What makes a step cheap on CPU (profiled by bench/profile_run.py, docs/profile.md):
+  * one `generate` call per step for all N x G samples; the image features enter once per prompt
+    and transformers expands them G times;
+  * the vision tower runs once per distinct image of the job (frozen) or per step (trained), never
+    per sampled row: the G samples of a prompt share its features (`_expand`);
+  * the reference's log-probs are computed once per batch, before the mu inner updates;
   * the routing features e(x, o) are pooled from the reference forward that the KL needs anyway.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -180,7 +189,7 @@ def score_unique(rm, images, prompts, responses) -> tuple[torch.Tensor, int]:
     index: dict = {}
     slot = [index.setdefault(t, len(index)) for t in zip(images, prompts, responses)]
     uniq = list(index)
-    r = rm.standardized(rm.score([u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
+    r = rm.standardized(rm_score(rm, [u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
     return r[torch.tensor(slot)], len(uniq)
 
 
@@ -401,21 +410,36 @@ class GRPOConfig:
     mu: int = 1  # inner updates per batch of samples
     temperature: float = 1.0
     format_guard: bool = True  # malformed samples rank last in their group (`format_guard`)
+    train_vision: bool = False  # False: the policy's vision tower is frozen and its features cached
 
 
 def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, seed: int,
-               gold: dict | None = None, on_step=None, desc: str = "grpo") -> dict:
+               gold: dict | None = None, on_step=None, desc: str = "grpo", features=None) -> dict:
     """Align `policy` with `reward_fn` on prompts from `pool` (data.Example, answer unused).
     `ref` is the frozen reference (its forward gives the KL term and the routing features).
     `gold` {(image, prompt): answer} is for logging on-the-fly accuracy only; the trainer never
-    reads it. `on_step(step, batch_info)` lets NTS (E6) see each step. Returns per-step logs:
-    reward, kl, accuracy, malformed share, loss."""
+    reads it. `on_step(step, batch_info)` lets NTS (E6) see each step. `features`: an
+    ImageFeatures cache to reuse across jobs that start from the same checkpoint (a new one
+    otherwise). Returns per-step logs: reward, kl, accuracy, malformed share, loss."""
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
+    frozen = not cfg.train_vision
+    if frozen:
+        for p in vision_parameters(policy):
+            p.requires_grad_(False)  # out of the optimizer below: no gradient, no AdamW update
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    # v(x) of the reference: always fixed. The policy's: fixed too while its tower is frozen, and
+    # equal to the reference's when both towers hold the same weights (pi_ref = the starting policy),
+    # so one cache serves every pass; a reference with another tower gets a cache of its own.
+    ref_feats = features if features is not None else ImageFeatures()
+    ref_feats.bind(ref)
+    pol_feats = None
+    if frozen:
+        pol_feats = ref_feats if same_vision(policy, ref) else ImageFeatures().bind(policy)
+    pol_vlm = ref if pol_feats is ref_feats else policy  # the module whose tower fills pol_feats
     batches = models.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
     log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
@@ -426,10 +450,16 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         exs = next(batches)
         images, prompts = [e.image for e in exs], [e.prompt for e in exs]
         pb = encoder(images, prompts, device=device)  # [N, Tp] left-padded prompts
+        rows = list(range(len(exs)))
+        # v(x) per prompt: a tuple of N [tokens_i, H] tensors, from the caches (no tower run for an
+        # image seen before) or, with a trained tower, from this step's weights
+        v_ref = ref_feats(ref, pb, images)
+        v_pol = (lambda: pol_feats(pol_vlm, pb, images)) if frozen else (lambda: models.image_features(policy, pb, rows))
         # -- 1. sample G responses per prompt: one generate call for the whole batch ----------
         policy.eval()
         with torch.no_grad():
-            out = policy.generate(**pb, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+            gen_in = models.with_image_features(pb, v_pol()) if frozen else pb  # trained: generate encodes
+            out = policy.generate(**gen_in, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                                   temperature=cfg.temperature, top_k=None, top_p=None,
                                   num_return_sequences=G, suppress_tokens=encoder.banned_ids,
                                   pad_token_id=encoder.pad_id, eos_token_id=encoder.eos_id)
@@ -437,11 +467,10 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         responses = encoder.decode(new_ids)
         rb = response_batch(pb, new_ids, G, encoder.eos_id)
         mask = rb["response_mask"][:, 1:]  # [N*G, T-1], aligned with the log-prob targets
-        rows = list(range(len(exs)))
         # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
+        # once per batch: pi_ref does not move, so the mu inner updates below all reuse ref_logp
         with torch.no_grad():
-            feats = models.image_features(ref, pb, rows)
-            ref_logp, h = token_logprobs(ref, rb, _expand(feats, G), encoder.banned_ids, hidden=True)
+            ref_logp, h = token_logprobs(ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True)
             e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
@@ -466,10 +495,9 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         old_logp = None
         if cfg.mu > 1:
             with torch.no_grad():
-                old_logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G),
-                                          encoder.banned_ids)
+                old_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
         for _ in range(cfg.mu):
-            logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G), encoder.banned_ids)
+            logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
             old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
             if not models.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
@@ -480,8 +508,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             gain = None
             if getattr(reward_fn, "needs_gain", True):
                 with torch.no_grad():
-                    new_logp = token_logprobs(policy, rb, _expand(models.image_features(policy, pb, rows), G),
-                                              encoder.banned_ids)
+                    new_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
                     before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
                     after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)
                 gain = (after - before).view(-1, G).mean(1).cpu()  # [N]
@@ -523,3 +550,94 @@ def _expand(feats: tuple, group: int) -> tuple:
     """Per-prompt image features -> per-sample: each of the G samples of a prompt reuses the
     same tensor (no copy; gradients from all G rows add up in the vision tower)."""
     return tuple(f for f in feats for _ in range(group))
+
+
+# ----------------------------------------------------------------------------------------------
+# Image features of a frozen vision tower: computed once per image, reused by every pass
+# ----------------------------------------------------------------------------------------------
+
+# The modules of a VLM body that turn pixels into the language model's image tokens (what
+# get_image_features runs): Qwen2-VL / 2.5-VL's `visual` (patch embedding, blocks and the patch
+# merger), LLaVA-OneVision's SigLIP tower, projector and row-newline vector.
+VISION_PARTS = ("visual", "vision_tower", "multi_modal_projector", "image_newline")
+
+
+def vision_parameters(vlm) -> list:
+    """The parameters of `vlm`'s image encoder (VISION_PARTS of its body), in a fixed order."""
+    out = []
+    for name in VISION_PARTS:
+        part = getattr(vlm.model, name, None)
+        out += [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters()) if part is not None else []
+    if not out:
+        raise ValueError(f"{type(vlm).__name__}: no vision tower among {VISION_PARTS}")
+    return out
+
+
+def same_vision(a, b) -> bool:
+    """Do two VLMs' image encoders hold the same weights (and may share one ImageFeatures)?"""
+    pa, pb = vision_parameters(a), vision_parameters(b)
+    return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
+
+
+class ImageFeatures:
+    """image -> v(x) [tokens, H], the vision tower's output for it, computed on first sight and
+    kept (detached) while the tower is frozen.
+
+    Keys are image paths (an in-memory PIL image is keyed by its id and kept alive with its
+    entry, so the id cannot be reused). `bind(vlm)` ties the cache to a tower's weights: a tower
+    with other weights (another checkpoint) empties it, so a cache shared by the jobs of one
+    worker can never hand out another model's features. Least recently used entries leave once
+    the features exceed `max_bytes`. `computed` / `reused` count images encoded / served."""
+
+    def __init__(self, max_bytes: int = 2 ** 30):
+        self.store: OrderedDict = OrderedDict()  # key -> (image object or None, features)
+        self.max_bytes, self.bytes, self.sig = max_bytes, 0, None
+        self.computed = self.reused = 0
+
+    def bind(self, vlm) -> "ImageFeatures":
+        # a checksum of every tower weight (float64 sums: one cheap pass, equal for equal weights)
+        sig = torch.stack([p.detach().double().sum() for p in vision_parameters(vlm)]).cpu()
+        if self.sig is None or not torch.equal(sig, self.sig):
+            self.store.clear()
+            self.bytes, self.sig = 0, sig
+        return self
+
+    @staticmethod
+    def _key(image):
+        return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
+
+    @torch.no_grad()
+    def __call__(self, vlm, batch: dict, images: list) -> tuple:
+        """Features of the images of an Encoder batch's rows (row i shows images[i]): one tensor
+        [tokens_i, H] per row; the tower runs on the distinct images not cached yet, in one call."""
+        keys = [self._key(im) for im in images]
+        todo = {}  # key -> first row that shows it
+        for i, k in enumerate(keys):
+            if k not in self.store:
+                todo.setdefault(k, i)
+        if todo:
+            fresh = models.image_features(vlm, batch, list(todo.values()))
+            for (k, i), f in zip(todo.items(), fresh):
+                keep = None if isinstance(images[i], (str, os.PathLike)) else images[i]
+                self.store[k] = (keep, f.detach())
+                self.bytes += f.numel() * f.element_size()
+            self.computed += len(todo)
+        self.reused += len(keys) - len(todo)
+        for k in keys:
+            self.store.move_to_end(k)  # most recently used last
+        out = tuple(self.store[k][1] for k in keys)
+        while self.bytes > self.max_bytes and len(self.store) > len(set(keys)):  # this batch's stay
+            _, (_, f) = self.store.popitem(last=False)
+            self.bytes -= f.numel() * f.element_size()
+        return out
+
+
+def rm_score(rm, images, prompts, responses) -> torch.Tensor:
+    """rm.score, with the RM's image features from `rm.image_features` (an ImageFeatures bound to
+    its tower) when it has one: a client RM is frozen during GRPO, so each image's features are
+    computed once per worker instead of once per step and RM."""
+    cache = getattr(rm, "image_features", None)
+    if cache is None:
+        return rm.score(images, prompts, responses)
+    batch = rm.encoder(images, prompts, responses, rm.device)
+    return rm(**models.with_image_features(batch, cache(rm.vlm, batch, images)))

@@ -160,6 +160,9 @@ def parse_args(argv=None):
     p.add_argument("--no-format-guard", dest="format_guard", action="store_false",
                    help="let malformed samples keep their reward (default: they rank last in their group, "
                         "grpo.format_guard)")
+    p.add_argument("--train-vision", action="store_true",
+                   help="let GRPO train the policy's vision tower too (default: frozen, the paper's design, "
+                        "and each image's features computed once per job, grpo.ImageFeatures)")
     # -- E6-E7: online routing by Neural Thompson Sampling (mor_nts) -------------------------------
     p.add_argument("--nts-lambda", type=float, default=1.0,
                    help="NTS prior precision lambda (E6): pulls the residual back to the router")

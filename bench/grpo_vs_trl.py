@@ -7,6 +7,7 @@ policy-gradient update (mu = 1). Both implementations run the *same work definit
   16 prompts x G = 8 -> 128 completions per step, 4 new tokens, temperature 1.0 (no top-k/top-p),
   beta 0.04 (k3 KL to the frozen reference), clip eps 0.2, mu = 1, AdamW lr 1e-4 constant
   (betas 0.9/0.999, eps 1e-8, wd 0), global grad-norm clip 1.0, fp32 on CPU, --threads torch threads,
+  the policy's vision tower frozen on both sides (the project's default; --train-vision trains it on both),
 
 on the same checkpoint (--model-dir, default runs/default/base: the project's tiny Qwen2-VL SFT
 reference policy; TRL loads its reference model from the same directory) and the same prompts:
@@ -123,7 +124,7 @@ def bench_ours(args, fed) -> dict:
     policy, proc = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")
     ref, _ = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")  # frozen pi_ref
     setup_s = time.perf_counter() - t
-    cfg = grpo.GRPOConfig(steps=args.warmup + args.steps, **SETTINGS)
+    cfg = grpo.GRPOConfig(steps=args.warmup + args.steps, train_vision=args.train_vision, **SETTINGS)
 
     # Phase split, the counterpart of the TRL harness's columns:
     #   rollout   Encoder (image load + processor) + policy.generate + decode
@@ -219,7 +220,7 @@ def bench_trl(args, workdir: Path, prompts: Path) -> dict:
     cmd = [args.trl_python, str(TRL_HARNESS), "--model-dir", str(Path(args.model_dir).resolve()),
            "--prompts", str(prompts), "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--seed", str(args.seed), "--output-dir", str(workdir / "trl_out"),
-           "--results", str(results), "--show-completions", "4"]
+           "--results", str(results), "--show-completions", "4"] + ([] if args.train_vision else ["--freeze-vision"])
     print(f"[bench] TRL: {' '.join(cmd)}  (log: {log_file})", flush=True)
     with open(log_file, "w") as f:  # cwd: TRL's stray outputs go beside the results, not into the repo
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=workdir).returncode
@@ -257,6 +258,9 @@ def main(argv=None):
     p.add_argument("--trl-python", default=str(HERE / "bench/.venv/bin/python"),
                    help="python of the separate venv with trl (default: bench/.venv/bin/python)")
     p.add_argument("--no-trl", action="store_true", help="measure ours only")
+    p.add_argument("--train-vision", action="store_true",
+                   help="train the policy's vision tower on both sides (default: frozen on both, the project's "
+                        "default; TRL still encodes every row's image in each pass)")
     p.add_argument("--trl-first", action="store_true", help="run TRL before ours (to check order effects)")
     p.add_argument("--out", default=None, help="JSON results path (TRL's json and log go beside it)")
     args = p.parse_args(argv)
@@ -286,7 +290,8 @@ def main(argv=None):
     prompts = write_prompts(fed, workdir / "prompts.jsonl")
     federation_s = time.perf_counter() - t
 
-    res = {"command": " ".join([sys.executable, *sys.argv]), "settings": SETTINGS, "steps": args.steps,
+    res = {"command": " ".join([sys.executable, *sys.argv]), "settings": dict(SETTINGS, train_vision=args.train_vision),
+           "steps": args.steps,
            "warmup": args.warmup, "threads": torch.get_num_threads(), "seed": args.seed,
            "model_dir": str(Path(args.model_dir).resolve()), "federation_s": federation_s,
            "pool_prompts": len(fed.pool),

@@ -238,6 +238,9 @@ def main(argv=None):
     ap.add_argument("--show-completions", type=int, default=8, help="print N completions of the last step")
     ap.add_argument("--output-dir", default="trl-grpo-out", help="TRL's output_dir (nothing is saved there)")
     ap.add_argument("--results", default=None, help="JSON results path (default <output-dir>/results.json)")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="freeze the policy's vision tower (model.model.visual) before training, as the project's "
+                         "GRPO does by default: no vision gradient, no vision update (images still encoded each pass)")
     args = ap.parse_args(argv)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise SystemExit(f"[trl] {args.model_dir}: not a checkpoint directory (no config.json)")
@@ -283,7 +286,11 @@ def main(argv=None):
         train_dataset=load_prompts(args.prompts),
         callbacks=[step_timer(phases, log_rows)],
     )
-    print(f"[trl] params {sum(p.numel() for p in trainer.model.parameters()):,} | ref "
+    if args.freeze_vision:  # before train(): the Trainer builds its optimizer from requires_grad params there
+        for p in trainer.model.model.visual.parameters():
+            p.requires_grad_(False)
+    print(f"[trl] params {sum(p.numel() for p in trainer.model.parameters()):,} | trainable "
+          f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,} | ref "
           f"{type(trainer.ref_model).__name__} | loss_type {trainer.loss_type} | generation batch "
           f"{config.generation_batch_size} | suppress_tokens {trainer.generation_config.suppress_tokens}", flush=True)
 

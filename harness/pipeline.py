@@ -277,7 +277,7 @@ class Run:
         out = {"stage": "grpo", "method": method, "seed": seed, "reference": provenance.digest(self.sft_inputs()),
                "prompts": self.data_source("prompts"), "steps": a.grpo_steps, "prompts_per_step": a.grpo_prompts,
                "group": a.group, "lr": a.grpo_lr, "beta": a.beta, "format_guard": a.format_guard,
-               "max_new_tokens": a.max_new_tokens}
+               "max_new_tokens": a.max_new_tokens, "train_vision": a.train_vision}
         if method == "oracle":
             out["reward"] = "gold answers of the prompt pool"
         else:
@@ -503,7 +503,8 @@ def grpo_config(run: Run) -> grpo.GRPOConfig:
     # CLI flags -> the loop's config (clip eps and mu keep grpo.GRPOConfig's defaults)
     a = run.args
     return grpo.GRPOConfig(steps=a.grpo_steps, prompts=a.grpo_prompts, group=a.group, lr=a.grpo_lr, beta=a.beta,
-                           format_guard=a.format_guard, max_new_tokens=a.max_new_tokens)
+                           format_guard=a.format_guard, max_new_tokens=a.max_new_tokens,
+                           train_vision=a.train_vision)
 
 
 def weight_sources(run: Run, router_state: dict | None = None) -> dict:

@@ -431,6 +431,8 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     else:
         if "rms" not in cache:  # the K client uploads, loaded once for every RM method
             cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
+            for rm in cache["rms"]:  # frozen here: each image's features once per worker (grpo.rm_score)
+                rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
             cache["router"] = safe_io.load_router_state(run.output("router"), make_router(run)())
         rms, router_state = cache["rms"], cache["router"]
         src = weight_sources(run, router_state)
@@ -450,8 +452,10 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     policy, proc = models.load_vlm(run.dir / "base", device=run.device)
     ref, _ = models.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
     t = time.time()
+    # the image features of the base's frozen tower serve every job of this process (ImageFeatures.bind
+    # empties the cache if a job's tower differs)
     log = grpo.train_grpo(policy, ref, models.Encoder(proc), fed.pool, fn, grpo_config(run), seed, gold=gold,
-                          desc=f"grpo {method} s{seed}")
+                          desc=f"grpo {method} s{seed}", features=cache.setdefault("features", grpo.ImageFeatures()))
     t_train = time.time() - t
     if len(set(log["skipped"])) >= a.grpo_steps:  # never report a policy that was not trained
         raise RuntimeError(f"grpo {method} seed {seed}: all {a.grpo_steps} steps were skipped (non-finite "
@@ -459,7 +463,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     # E9 on the test split here, in the worker, rather than in the single-process eval stage:
     # the two workers then share it. Stored with the policy; eval adds the win rate.
     r = evaluate(policy, models.Encoder(proc), fed.test, desc=f"eval {method} s{seed}", judge=JUDGES[a.judge],
-                 max_new_tokens=a.max_new_tokens)
+                 max_new_tokens=a.max_new_tokens, features=None if a.train_vision else cache["features"])
     # The policy appears under its final name only when complete: a kill here costs this one
     # (method, seed), and the rerun resumes with it.
     with atomic_dir(out) as tmp:

@@ -292,3 +292,118 @@ def test_own_share_over_the_first_and_last_steps():
                            first=2, last=1)
     assert share == {"color": {"start": 0.5, "end": 1.0}, "shape": {"start": 0.5, "end": 1.0},
                      "position": {"start": None, "end": None}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen vision tower: features cached once per image, the same numbers as without the cache
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_vision_parameters_are_everything_the_image_features_depend_on(tiny_dirs, fed, family):
+    """Freezing vision_parameters leaves image_features with no gradient path: the whole image
+    encoder (tower, merger or projector) is covered, in every family."""
+    vlm, proc = models.load_vlm(tiny_dirs[family])
+    exs = fed.pool[:2]
+    pb = models.Encoder(proc)([e.image for e in exs], [e.prompt for e in exs])
+    assert models.image_features(vlm, pb, [0, 1])[0].requires_grad
+    for p in grpo.vision_parameters(vlm):
+        p.requires_grad_(False)
+    assert not any(f.requires_grad for f in models.image_features(vlm, pb, [0, 1]))
+    lm = [p for p in vlm.parameters() if p.requires_grad]
+    assert lm and len(lm) < len(list(vlm.parameters()))  # the language model still trains
+
+
+def test_image_features_cache_encodes_each_image_once_and_matches_the_tower(policy, fed):
+    vlm, enc = policy
+    exs = [fed.pool[0], fed.pool[1], fed.pool[0]]  # one image twice in the batch
+    images = [e.image for e in exs]
+    pb = enc(images, [e.prompt for e in exs])
+    cache = grpo.ImageFeatures().bind(vlm)
+    got = cache(vlm, pb, images)
+    assert cache.computed == 2 and cache.reused == 1
+    want = models.image_features(vlm, pb, [0, 1, 2])
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    cache(vlm, pb, images)
+    assert cache.computed == 2 and cache.reused == 4  # the second batch runs no tower
+    # a tower with other weights empties the cache (a shared cache never serves another model)
+    other = copy.deepcopy(vlm)
+    with torch.no_grad():
+        grpo.vision_parameters(other)[0].add_(1.0)
+    cache.bind(other)
+    assert not cache.store
+    cache.bind(vlm)
+    assert not cache.store  # and back: recomputed, never stale
+
+
+def _frozen_uncached(vlm):
+    """The uncached path with the same maths: the tower frozen by hand, train_vision=True (so
+    train_grpo neither freezes nor caches, and runs the tower in every pass as before)."""
+    for p in grpo.vision_parameters(vlm):
+        p.requires_grad_(False)
+    return vlm
+
+
+def test_cached_vision_path_gives_the_uncached_losses_and_leaves_the_tower_untouched(policy, fed):
+    vlm, enc = policy
+    pool = fed.pool[:8]
+    cfg = dict(steps=3, prompts=4, group=4, max_new_tokens=3, lr=1e-2, beta=0.04, format_guard=False)
+
+    def reward(images, prompts, responses, e):  # depends on the samples, so the updates are real
+        return torch.tensor([float(len(r)) for r in responses])
+
+    runs = {}
+    for name, train_vision, prep in (("cached", False, lambda m: m), ("uncached", True, _frozen_uncached),
+                                     ("trained", True, lambda m: m)):
+        pol, ref = prep(copy.deepcopy(vlm)), copy.deepcopy(vlm)
+        seen = []
+        log = grpo.train_grpo(pol, ref, enc, pool, reward, grpo.GRPOConfig(train_vision=train_vision, **cfg),
+                              seed=0, on_step=lambda s, info: seen.append(info["logp"]))
+        runs[name] = (pol, log, seen)
+    (pc, lc, sc), (pu, lu, su), (pt, _, _) = runs["cached"], runs["uncached"], runs["trained"]
+    # same samples, same per-token log-probs, same loss / KL at every step
+    for a, b in zip(sc, su):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+    for k in ("reward", "loss", "kl"):
+        assert lc[k] == pytest.approx(lu[k], abs=1e-4), k
+    # the tower: no gradient, no update; the language model moved, the same way in both paths
+    v0 = grpo.vision_parameters(vlm)
+    assert all(p.grad is None and torch.equal(p, q) for p, q in zip(grpo.vision_parameters(pc), v0))
+    lm = [n for n, _ in vlm.named_parameters() if "lm_head" in n or "language_model" in n]
+    moved = dict(pc.named_parameters())
+    assert any(not torch.equal(moved[n], dict(vlm.named_parameters())[n]) for n in lm)
+    for (n, a), (_, b) in zip(pc.named_parameters(), pu.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-4), n
+    # --train-vision: the tower does get updated (the check above can fail)
+    assert any(not torch.equal(p, q) for p, q in zip(grpo.vision_parameters(pt), v0))
+
+
+def test_evaluation_with_cached_features_gives_the_same_answers(policy, fed):
+    import judge
+
+    vlm, enc = policy
+    exs = sorted((e for d in data.DOMAINS for e in fed.test[d][:12]), key=lambda e: e.image)
+    args = (vlm, enc, [e.image for e in exs], [e.prompt for e in exs])
+    want = judge.generate(*args, share_images=True, max_new_tokens=3)
+    assert len(set(want)) > 3  # varied answers: the comparison below can fail
+    cache = grpo.ImageFeatures().bind(vlm)
+    assert judge.generate(*args, max_new_tokens=3, features=cache) == want
+    n = cache.computed
+    assert judge.generate(*args, max_new_tokens=3, features=cache) == want and cache.computed == n
+    test = {d: fed.test[d][:6] for d in data.DOMAINS}
+    assert judge.evaluate(vlm, enc, test, features=cache) == judge.evaluate(vlm, enc, test)
+
+
+def test_rm_scores_with_cached_features_equal_the_plain_scores(tiny_dirs, fed):
+    import reward
+
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_5_vl"])
+    rm = reward.RewardModel(vlm, proc).eval()
+    exs = fed.pool[:4]
+    args = ([e.image for e in exs] * 2, [e.prompt for e in exs] * 2, ["red<|im_end|>"] * 4 + ["circle"] * 4)
+    with torch.no_grad():
+        want = rm.score(*args)
+        rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
+        got, again = grpo.rm_score(rm, *args), grpo.rm_score(rm, *args)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(again, want, atol=1e-5)
+    assert rm.image_features.computed == 4  # 4 distinct images, encoded once over both calls
