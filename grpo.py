@@ -27,6 +27,7 @@ What makes a step cheap on CPU (measured in docs/results.md):
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -406,15 +407,17 @@ class GRPOConfig:
 def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, seed: int,
                gold: dict | None = None, on_step=None, desc: str = "grpo") -> dict:
     """Align `policy` with `reward_fn` on prompts from `pool` (data.Example, answer unused).
-    `ref` is the frozen reference (its forward gives the KL term and the routing features).
+    `ref` is the frozen reference (its forward gives the KL term and the routing features); None:
+    the policy with its LoRA adapters off (`reference`).
     `gold` {(image, prompt): answer} is for logging on-the-fly accuracy only; the trainer never
     reads it. `on_step(step, batch_info)` lets NTS (E6) see each step. Returns per-step logs:
     reward, kl, accuracy, malformed share, loss."""
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    if ref is not None:
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     batches = models.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
@@ -439,9 +442,9 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         mask = rb["response_mask"][:, 1:]  # [N*G, T-1], aligned with the log-prob targets
         rows = list(range(len(exs)))
         # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
-        with torch.no_grad():
-            feats = models.image_features(ref, pb, rows)
-            ref_logp, h = token_logprobs(ref, rb, _expand(feats, G), encoder.banned_ids, hidden=True)
+        with torch.no_grad(), reference(policy, ref) as pi_ref:
+            feats = models.image_features(pi_ref, pb, rows)
+            ref_logp, h = token_logprobs(pi_ref, rb, _expand(feats, G), encoder.banned_ids, hidden=True)
             e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
@@ -506,6 +509,23 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         bar.set_postfix(post)
     policy.eval()
     return log
+
+
+@contextmanager
+def reference(policy, ref):
+    """pi_ref of E5: `ref`, a frozen copy; or, ref None, the policy with its LoRA adapters off
+    (models.add_lora): only the adapters train, so the base weights are pi_ref and no second
+    copy of the model is held."""
+    if ref is not None:
+        yield ref
+        return
+    if not getattr(policy, "_hf_peft_config_loaded", False):
+        raise ValueError("train_grpo: ref=None needs a policy with LoRA adapters (models.add_lora)")
+    policy.disable_adapters()
+    try:
+        yield policy
+    finally:
+        policy.enable_adapters()
 
 
 def _objective(logp, old_logp, ref_logp, advantages, mask, beta) -> torch.Tensor:
