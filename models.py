@@ -328,9 +328,9 @@ def merge_lora(model, adapter_dir: str | os.PathLike | None = None) -> None:
     """W <- W + (alpha / r) B A in place, adapters removed: save_pretrained then writes a full
     checkpoint. adapter_dir: the adapters saved there first in peft's format (for
     PeftModel.from_pretrained(base, dir)). No-op on a model without adapters."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
     if not getattr(model, "_hf_peft_config_loaded", False):
         return
+    from peft.tuners.tuners_utils import BaseTunerLayer
     if adapter_dir is not None:
         model.save_pretrained(adapter_dir, safe_serialization=True)  # adapters only, peft's format
     for name, m in list(model.named_modules()):
