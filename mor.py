@@ -29,6 +29,7 @@ import models
 import nts
 import router
 import safe_io
+from harness import memory
 from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, REAL, REAL_LORA_R, SETTINGS,
                               STAGE_OUTPUT, TINY, USER_FAMILY, Run, methods)
 from harness.report import results_markdown
@@ -365,6 +366,7 @@ def main(argv=None) -> int:
             if up not in names and (up != "base" or not a.base) and run.stale(up):
                 raise SystemExit(f"[{name}] reads the {up} stage's output, which is stale (the line above "
                                  f"says why): add {up} to --stages, or use a new --run-dir")
+    memory.report(run, pending)  # each pending stage's memory against the device's; refused if it cannot fit
     # The server's base and sft run beside the clients' RMs when all three are still to do
     # (stage_reward); their own times are recorded, and "beside_reward" says how many of the
     # reward stage's seconds they already account for (the run's wall time is the sum minus it).
