@@ -52,11 +52,12 @@ DEFAULT = dict(pretrain_steps=600, sft_steps=300, test_per_domain=None, rm_sft_s
 # measured recipe of the embedded default (full fine-tuning, fp32, CPU). REAL is a starting point
 # for 2B-class VLMs in bf16 on a GPU (docs/real-checkpoints.md): LoRA rank 16 with the usual
 # LoRA learning rates (about 10x full fine-tuning's), smaller batches of longer rows (a real
-# image is hundreds of tokens, and every row's logits span a 152k vocabulary).
+# image is hundreds of tokens, and every row's logits span a 152k vocabulary: 4 prompts x 8
+# samples keep Qwen2-VL-2B's GRPO stage under 80 GB in the memory plan, harness/memory.py).
 TINY = dict(sft_lr=3e-4, sft_batch=64, rm_sft_lr=1e-3, rm_sft_batch=64, rm_lr=3e-4, rm_batch=32, grpo_lr=2e-4,
             grpo_prompts=16)
 REAL = dict(sft_lr=1e-4, sft_batch=16, rm_sft_lr=1e-4, rm_sft_batch=16, rm_lr=5e-5, rm_batch=8, grpo_lr=2e-5,
-            grpo_prompts=8)
+            grpo_prompts=4)
 REAL_LORA_R = 16  # --lora-r's default for a real checkpoint; tiny ones train every parameter
 
 BASE_FAMILY = "qwen2_vl"  # the embedded base's family (stages.stage_base builds it)
