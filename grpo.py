@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -416,16 +417,18 @@ class GRPOConfig:
 def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, seed: int,
                gold: dict | None = None, on_step=None, desc: str = "grpo", features=None) -> dict:
     """Align `policy` with `reward_fn` on prompts from `pool` (data.Example, answer unused).
-    `ref` is the frozen reference (its forward gives the KL term and the routing features).
+    `ref` is the frozen reference (its forward gives the KL term and the routing features); None:
+    the policy with its LoRA adapters off (`reference`).
     `gold` {(image, prompt): answer} is for logging on-the-fly accuracy only; the trainer never
     reads it. `on_step(step, batch_info)` lets NTS (E6) see each step. `features`: an
     ImageFeatures cache to reuse across jobs that start from the same checkpoint (a new one
     otherwise). Returns per-step logs: reward, kl, accuracy, malformed share, loss."""
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    if ref is not None:
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
     frozen = not cfg.train_vision
     if frozen:
         for p in vision_parameters(policy):
@@ -434,12 +437,15 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
     # v(x) of the reference: always fixed. The policy's: fixed too while its tower is frozen, and
     # equal to the reference's when both towers hold the same weights (pi_ref = the starting policy),
     # so one cache serves every pass; a reference with another tower gets a cache of its own.
+    # With LoRA (ref None) pi_ref is the policy with its adapters off, and the adapters live in the
+    # language model only: the policy's own tower is pi_ref's.
+    ref_vlm = ref if ref is not None else policy
     ref_feats = features if features is not None else ImageFeatures()
-    ref_feats.bind(ref)
+    ref_feats.bind(ref_vlm)
     pol_feats = None
     if frozen:
-        pol_feats = ref_feats if same_vision(policy, ref) else ImageFeatures().bind(policy)
-    pol_vlm = ref if pol_feats is ref_feats else policy  # the module whose tower fills pol_feats
+        pol_feats = ref_feats if same_vision(policy, ref_vlm) else ImageFeatures().bind(policy)
+    pol_vlm = ref_vlm if pol_feats is ref_feats else policy  # the module whose tower fills pol_feats
     batches = models.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
     log = {k: [] for k in ("reward", "kl", "accuracy", "malformed", "loss")}
@@ -453,7 +459,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         rows = list(range(len(exs)))
         # v(x) per prompt: a tuple of N [tokens_i, H] tensors, from the caches (no tower run for an
         # image seen before) or, with a trained tower, from this step's weights
-        v_ref = ref_feats(ref, pb, images)
+        v_ref = ref_feats(ref_vlm, pb, images)
         v_pol = (lambda: pol_feats(pol_vlm, pb, images)) if frozen else (lambda: models.image_features(policy, pb, rows))
         # -- 1. sample G responses per prompt: one generate call for the whole batch ----------
         policy.eval()
@@ -469,8 +475,8 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         mask = rb["response_mask"][:, 1:]  # [N*G, T-1], aligned with the log-prob targets
         # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
         # once per batch: pi_ref does not move, so the mu inner updates below all reuse ref_logp
-        with torch.no_grad():
-            ref_logp, h = token_logprobs(ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True)
+        with torch.no_grad(), reference(policy, ref) as pi_ref:
+            ref_logp, h = token_logprobs(pi_ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True)
             e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
@@ -536,6 +542,23 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         bar.set_postfix(post)
     policy.eval()
     return log
+
+
+@contextmanager
+def reference(policy, ref):
+    """pi_ref of E5: `ref`, a frozen copy; or, ref None, the policy with its LoRA adapters off
+    (models.add_lora): only the adapters train, so the base weights are pi_ref and no second
+    copy of the model is held."""
+    if ref is not None:
+        yield ref
+        return
+    if not getattr(policy, "_hf_peft_config_loaded", False):
+        raise ValueError("train_grpo: ref=None needs a policy with LoRA adapters (models.add_lora)")
+    policy.disable_adapters()
+    try:
+        yield policy
+    finally:
+        policy.enable_adapters()
 
 
 def _objective(logp, old_logp, ref_logp, advantages, mask, beta) -> torch.Tensor:

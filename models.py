@@ -133,7 +133,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: dic
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[EOS], pad_token_id=ids["<pad>"])
     head_dim = s["hidden"] // s["heads"]
-    text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+    text = dict(vocab_size=s.get("vocab", len(tok)), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                 num_key_value_heads=s["kv_heads"], hidden_act="silu", max_position_embeddings=1024,
                 rms_norm_eps=1e-6, attention_dropout=0.0, use_sliding_window=False, **special)
@@ -142,7 +142,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: dic
         vision = dict(depth=s["vision_depth"], embed_dim=s["vision_dim"], num_heads=s["vision_heads"],
                       hidden_size=s["hidden"], mlp_ratio=4, patch_size=s["patch"], temporal_patch_size=2,
                       spatial_merge_size=s["merge"], in_channels=3)
-        config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=s.get("tie", False),
                                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                   vision_start_token_id=ids["<|vision_start|>"],
                                   vision_end_token_id=ids["<|vision_end|>"])
@@ -307,6 +307,41 @@ def _check_chat_tokens(path: str, processor) -> None:
                          "VLM checkpoint (Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision style)")
     if not (getattr(processor, "chat_template", None) or tok.chat_template):
         raise ValueError(f"{path}: no chat template in the tokenizer or processor config")
+
+
+# LoRA (--lora-r), W x + (alpha/r) B A x, on the language model's attention and MLP projections only
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def add_lora(model, r: int, alpha: int | None = None) -> int:
+    """LoRA by transformers' add_adapter (the model keeps its class, so every stage runs it as is)
+    + gradient checkpointing. A [r, d_in], B [d_out, r] (B = 0: starts as the base) train in fp32
+    over a bf16 base (peft casts inputs to the adapter's dtype): lr * grad cannot round away."""
+    from peft import LoraConfig
+    model.add_adapter(LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    for p in (trainable := [p for p in model.parameters() if p.requires_grad]):
+        p.data = p.data.float()
+    # non-reentrant: correct when a block's inputs need no grad (frozen embeddings)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return sum(p.numel() for p in trainable)
+
+
+def merge_lora(model, adapter_dir: str | os.PathLike | None = None) -> None:
+    """W <- W + (alpha / r) B A in place, adapters removed: save_pretrained then writes a full
+    checkpoint. adapter_dir: the adapters saved there first in peft's format (for
+    PeftModel.from_pretrained(base, dir)). No-op on a model without adapters."""
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if adapter_dir is not None:
+        model.save_pretrained(adapter_dir, safe_serialization=True)  # adapters only, peft's format
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, m.get_base_layer())
+    model._hf_peft_config_loaded = False
+    del model.peft_config
 
 
 # ----------------------------------------------------------------------------------------------

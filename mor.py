@@ -31,9 +31,9 @@ import models
 import nts
 import router
 import safe_io
-from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, SETTINGS, STAGE_OUTPUT,
-                              USER_FAMILY, Run, methods)
-from harness import runs
+from harness import memory, runs
+from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, REAL, REAL_LORA_R, SETTINGS,
+                              STAGE_OUTPUT, TINY, USER_FAMILY, Run, methods)
 from harness.report import results_markdown
 from harness.stages import STAGES, preflight
 from judge import JUDGES
@@ -77,10 +77,17 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="caption pre-training steps of the tiny base (default 600, --quick 5; 0: none)")
     p.add_argument("--sft-steps", type=int, default=None, help="reference SFT steps (default 300, --quick 40)")
-    p.add_argument("--sft-batch", type=int, default=64, help="questions per SFT step, split evenly over domains (also the pre-training batch)")
-    p.add_argument("--sft-lr", type=float, default=3e-4,
-                   help="AdamW learning rate of the reference SFT (default %(default)s; 1e-3 collapsed shape "
-                        "onto 'rectangle' in one of two runs, docs/benchmark.md)")
+    p.add_argument("--sft-batch", type=int, default=None,
+                   help=f"questions per SFT step, split evenly over domains (also the pre-training batch; default "
+                        f"{TINY['sft_batch']}, {REAL['sft_batch']} for a real --base)")
+    p.add_argument("--sft-lr", type=float, default=None,
+                   help=f"AdamW learning rate of the reference SFT (default {TINY['sft_lr']}, {REAL['sft_lr']} with "
+                        "LoRA on a real --base; 1e-3 collapsed shape onto 'rectangle' in one of two runs, "
+                        "docs/benchmark.md)")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help=f"LoRA rank of the adapters trained instead of every weight (policy and RMs; gradient "
+                        f"checkpointing on, adapters in fp32, the reference = the base with adapters off). Default: "
+                        f"{REAL_LORA_R} for a real checkpoint (--base, --client-model), off for the tiny ones; 0: off")
     p.add_argument("--pretrain-lr", type=float, default=1e-3, help="AdamW learning rate of the caption pre-training")
     p.add_argument("--test-per-domain", type=int, default=None, help="cap on test questions per domain")
     # -- the federation: who the clients are, which VLM each holds, what data they bring --------
@@ -118,11 +125,20 @@ def parse_args(argv=None):
     # -- E1: each client's reward model, trained on its own pairs only --------------------------
     p.add_argument("--rm-sft-steps", type=int, default=None, help="client SFT warm-up steps (default 300, --quick 20)")
     p.add_argument("--rm-steps", type=int, default=None, help="client Bradley-Terry steps (default 300, --quick 20)")
-    p.add_argument("--rm-batch", type=int, default=32, help="pairs per BT step")
+    p.add_argument("--rm-batch", type=int, default=None,
+                   help=f"pairs per BT step (default {TINY['rm_batch']}, {REAL['rm_batch']} with a real --client-model)")
+    p.add_argument("--rm-sft-lr", type=float, default=None,
+                   help=f"AdamW learning rate of a client's SFT warm-up (default {TINY['rm_sft_lr']}, "
+                        f"{REAL['rm_sft_lr']} with a real --client-model)")
+    p.add_argument("--rm-sft-batch", type=int, default=None,
+                   help=f"examples per SFT warm-up step (default {TINY['rm_sft_batch']}, {REAL['rm_sft_batch']} "
+                        "with a real --client-model)")
     p.add_argument("--format-share", type=float, default=0.0,
                    help="format-only pairs on public questions per own pair in each client's BT data "
                         "(default %(default).2f; 0: none); see data.format_pairs")
-    p.add_argument("--rm-lr", type=float, default=3e-4, help="AdamW learning rate of the BT phase")
+    p.add_argument("--rm-lr", type=float, default=None,
+                   help=f"AdamW learning rate of the BT phase (default {TINY['rm_lr']}, {REAL['rm_lr']} with a real "
+                        "--client-model)")
     # -- E2-E4: the router, trained by federated rounds ------------------------------------------
     p.add_argument("--rounds", type=int, default=None, help="federated router rounds R (default 30, --quick 5)")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs E per client per round")
@@ -153,9 +169,11 @@ def parse_args(argv=None):
     p.add_argument("--single-rm-seeds", type=int, default=3,
                    help="a single client's RM alone (rm_*) runs only the first N of --seeds (default %(default)s)")
     p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method and seed (default 40, --quick 3)")
-    p.add_argument("--grpo-prompts", type=int, default=16, help="prompts N per GRPO step")
+    p.add_argument("--grpo-prompts", type=int, default=None,
+                   help=f"prompts N per GRPO step (default {TINY['grpo_prompts']}, {REAL['grpo_prompts']} for a real --base)")
     p.add_argument("--group", type=int, default=8, help="samples G per prompt")
-    p.add_argument("--grpo-lr", type=float, default=2e-4, help="AdamW learning rate of GRPO")
+    p.add_argument("--grpo-lr", type=float, default=None,
+                   help=f"AdamW learning rate of GRPO (default {TINY['grpo_lr']}, {REAL['grpo_lr']} with LoRA on a real --base)")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight of GRPO")
     p.add_argument("--no-format-guard", dest="format_guard", action="store_false",
                    help="let malformed samples keep their reward (default: they rank last in their group, "
@@ -190,6 +208,12 @@ def parse_args(argv=None):
             setattr(a, k, v)
     if a.workers is None:
         a.workers = 1 if a.device.startswith("cuda") else min(2, os.cpu_count() or 1)
+    # the training recipe (harness/pipeline.py): the server's flags follow --base, the clients' RM
+    # flags follow --client-model; a flag given explicitly always wins
+    for k in ("sft_lr", "sft_batch", "grpo_lr", "grpo_prompts", "rm_sft_lr", "rm_sft_batch", "rm_lr", "rm_batch"):
+        real = bool(a.client_model) if k.startswith("rm_") else bool(a.base)
+        if getattr(a, k) is None:
+            setattr(a, k, (REAL if real else TINY)[k])
     check_args(p, a)
     if a.base:
         a.stages = ",".join(s for s in a.stages.split(",") if s != "base")
@@ -201,9 +225,10 @@ def parse_args(argv=None):
 INT_AT_LEAST = {"max_new_tokens": 1, "seed": 0, "threads": 1, "workers": 1, "pretrain_steps": 0, "sft_steps": 1, "sft_batch": 1,
                 "test_per_domain": 1, "rm_sft_steps": 0, "rm_steps": 1, "rm_batch": 1, "rounds": 1,
                 "local_epochs": 1, "router_batch": 1, "router_pairs": 1, "router_hidden": 1, "grpo_steps": 1,
-                "grpo_prompts": 1, "group": 2, "nts_update_steps": 0, "single_rm_seeds": 1}
+                "grpo_prompts": 1, "group": 2, "nts_update_steps": 0, "single_rm_seeds": 1, "lora_r": 0,
+                "rm_sft_batch": 1}
 # group >= 2: E5's advantage divides by the std of the group's rewards, undefined for one sample.
-POSITIVE_FLOAT = ["sft_lr", "pretrain_lr", "rm_lr", "router_lr", "grpo_lr", "nts_lambda"]
+POSITIVE_FLOAT = ["sft_lr", "pretrain_lr", "rm_lr", "rm_sft_lr", "router_lr", "grpo_lr", "nts_lambda"]
 NONNEGATIVE_FLOAT = ["beta", "nts_nu", "nts_probe", "format_share"]
 
 
@@ -390,6 +415,7 @@ def _stages(run: Run, a) -> int:
             if up not in names and (up != "base" or not a.base) and run.stale(up):
                 raise SystemExit(f"[{name}] reads the {up} stage's output, which is stale (the line above "
                                  f"says why): add {up} to --stages, or use a new --run-dir")
+    memory.report(run, pending)  # each pending stage's memory against the device's; refused if it cannot fit
     # The server's base and sft run beside the clients' RMs when all three are still to do
     # (stage_reward); their own times are recorded, and "beside_reward" says how many of the
     # reward stage's seconds they already account for (the run's wall time is the sum minus it).

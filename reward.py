@@ -109,7 +109,8 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1.0 / hidden ** 0.5)
         nn.init.zeros_(self.head.bias)
-        self.head.to(device=next(vlm.parameters()).device, dtype=next(vlm.parameters()).dtype)
+        # fp32 whatever the backbone's dtype: a trained parameter (as LoRA's, models.add_lora)
+        self.head.to(device=next(vlm.parameters()).device, dtype=torch.float32)
         self.mean, self.std = float(mean), float(std)
         self.info = dict(info or {})
 
@@ -128,7 +129,7 @@ class RewardModel(nn.Module):
         T = h.shape[1]
         last = (torch.arange(T, device=h.device).unsqueeze(0) * attention_mask).argmax(1)  # [B]
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, H]
-        return self.head(h_last).squeeze(-1).float()
+        return self.head(h_last.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def forward(self, **batch) -> torch.Tensor:
         """batch: Encoder output (pixel_values or shared mm_encoder_outputs) -> rewards [B]."""
@@ -163,6 +164,9 @@ class RewardModel(nn.Module):
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
+        # LoRA (a real checkpoint): the adapters kept in adapter/ (peft loads them), then merged,
+        # so backbone/ is a full checkpoint every stage loads like any other
+        models.merge_lora(self.vlm, out / "adapter")
         self.vlm.save_pretrained(out / "backbone", safe_serialization=True)
         self.processor.save_pretrained(out / "backbone")
         save_file({"weight": self.head.weight.detach().float().cpu().contiguous(),
@@ -176,7 +180,7 @@ class RewardModel(nn.Module):
             if not (path / need).exists():
                 raise FileNotFoundError(f"{path}: not a reward-model directory (missing {need})")
         # provenance.json: what made the upload (harness/provenance.py), a JSON record read by no loader
-        allowed = ("backbone", "head.safetensors", "reward.json", "provenance.json")
+        allowed = ("backbone", "head.safetensors", "reward.json", "provenance.json", "adapter")
         stray = [f.name for f in path.iterdir() if f.name not in allowed]
         if stray:
             raise ValueError(f"{path}: unexpected file(s) {sorted(stray)} in a reward-model upload; refused")
@@ -250,6 +254,7 @@ class RMConfig:
     batch: int = 32  # pairs per BT step (whole image groups, so it can run a few over)
     lr: float = 3e-4  # lower than the SFT's: the warm-up features are to be kept, not relearned
     lm_weight: float = 0.0  # optional LM regulariser on the chosen rows during BT
+    lora_r: int = 0  # > 0: LoRA adapters of this rank on the backbone (real checkpoints), models.add_lora
 
 
 def warmup_examples(pairs: list[data.Pair]) -> list[data.Example]:
@@ -277,6 +282,8 @@ def train_reward_model(rm: RewardModel, pairs: list[data.Pair], cfg: RMConfig, s
 
     The progress bar shows the running BT loss and the running pair accuracy on the training batches."""
     log = {"sft_loss": [], "loss": [], "train_acc": []}
+    if cfg.lora_r > 0:  # both phases train the same adapters (and the head); the backbone stays frozen
+        models.add_lora(rm.vlm, cfg.lora_r)
     if cfg.sft_steps > 0:
         log["sft_loss"] = train_sft(rm.vlm, rm.encoder, warmup_examples(pairs), cfg.sft_steps, cfg.sft_batch,
                                     cfg.sft_lr, seed, desc=f"{desc} sft")

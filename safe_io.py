@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,15 +176,32 @@ _CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "pr
             "video_preprocessor_config.json")
 
 
+# Pickle suffixes: unpickling runs code, so weights in these formats are never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Pickles that HF Trainer / TRL write beside the weights (training state, never weights) and no
+# loader here reads: a fine-tuned output directory holds training_args.bin, a Trainer
+# checkpoint-N/ also the optimizer's. Named on stderr and ignored, not refused.
+TRAINING_STATE = re.compile(r"(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)")
+
+
 def refuse_unsafe_dir(path: str) -> None:
-    """A checkpoint directory is an upload from outside: only safetensors weights, no code."""
+    """A checkpoint directory is an upload from outside: weights only as safetensors, no remote
+    code. A weight pickle (pytorch_model*.bin, *.pt, *.pkl, ...) is refused; the training-state
+    pickles of HF Trainer / TRL outputs and any other file (a README, a .py without auto_map)
+    are named and ignored, since nothing reads them (trust_remote_code is always False)."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    bad = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".py", ".ckpt")]
+    files = sorted(f.name for f in p.iterdir() if f.is_file())
+    pickles = [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+    bad = [f for f in pickles if not TRAINING_STATE.fullmatch(f)]
     if bad:
-        raise ValueError(f"{path}: refusing to load {', '.join(sorted(bad))}: only safetensors weights "
+        raise ValueError(f"{path}: refusing to load {', '.join(bad)}: only safetensors weights "
                          "and JSON configs are accepted (no pickle, no remote code)")
+    ignored = [f for f in files if f in pickles or Path(f).suffix == ".py"]
+    if ignored:
+        print(f"[checkpoint] {path}: ignoring {', '.join(ignored)} (never read: training state or code)",
+              file=sys.stderr)
     if not any(f.suffix == ".safetensors" for f in p.iterdir()):
         raise ValueError(f"{path}: no .safetensors weights found")
     for name in _CONFIGS:

@@ -9,12 +9,21 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-NEEDS="import torch, torchvision, transformers, safetensors, tqdm, pytest, easy_vqa, PIL, numpy, matplotlib"
+# Importable is not enough: the code needs transformers 5.x (pre-encoded image features in every
+# VLM forward) and peft (LoRA on real checkpoints). VERSIONS names each one that is too old.
+NEEDS="import torch, torchvision, transformers, safetensors, tqdm, pytest, easy_vqa, PIL, numpy, matplotlib, peft"
+VERSIONS='
+import sys, torch, transformers, peft
+from packaging.version import Version as V
+need = {"transformers": (transformers, "5.0"), "torch": (torch, "2.4"), "peft": (peft, "0.17")}
+bad = [f"{k} {m.__version__} (need >= {v})" for k, (m, v) in need.items() if V(m.__version__.split("+")[0]) < V(v)]
+if bad:
+    sys.exit("[setup] wrong version: " + ", ".join(bad) + "; pip install -r requirements.txt, or set MOR_PYTHON")'
 PY=${MOR_PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ] && .venv/bin/python -c "$NEEDS" 2>/dev/null; then
     PY=.venv/bin/python
-  elif python3 -c "$NEEDS" 2>/dev/null; then
+  elif python3 -c "$NEEDS" 2>/dev/null && python3 -c "$VERSIONS"; then
     PY=python3
   else
     echo "[setup] creating .venv and installing requirements.txt (a few minutes, once)" >&2
@@ -25,6 +34,8 @@ if [ -z "$PY" ]; then
     PY=.venv/bin/python
   fi
 fi
+
+"$PY" -c "$VERSIONS" || exit 1  # also a MOR_PYTHON or an older .venv: say which version is wrong
 
 # Optional: Flower (requirements-flower.txt) for federation/flower_fed.py and tests/test_flower.py; CI sets
 # MOR_FLOWER=1 so those tests run there (without flwr they are skipped with the reason).

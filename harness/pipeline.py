@@ -47,6 +47,19 @@ DEFAULT = dict(pretrain_steps=600, sft_steps=300, test_per_domain=None, rm_sft_s
                rounds=30, seeds="0,1,2,3,4", grpo_steps=40, router_pairs=600)
 
 
+# Training recipes. A flag left unset takes TINY's value when every model is a tiny one and REAL's
+# when --base or a --client-model points at a real checkpoint (mor.parse_args). TINY is the
+# measured recipe of the embedded default (full fine-tuning, fp32, CPU). REAL is a starting point
+# for 2B-class VLMs in bf16 on a GPU (docs/real-checkpoints.md): LoRA rank 16 with the usual
+# LoRA learning rates (about 10x full fine-tuning's), smaller batches of longer rows (a real
+# image is hundreds of tokens, and every row's logits span a 152k vocabulary: 4 prompts x 8
+# samples keep Qwen2-VL-2B's GRPO stage under 80 GB in the memory plan, harness/memory.py).
+TINY = dict(sft_lr=3e-4, sft_batch=64, rm_sft_lr=1e-3, rm_sft_batch=64, rm_lr=3e-4, rm_batch=32, grpo_lr=2e-4,
+            grpo_prompts=16)
+REAL = dict(sft_lr=1e-4, sft_batch=16, rm_sft_lr=1e-4, rm_sft_batch=16, rm_lr=5e-5, rm_batch=8, grpo_lr=2e-5,
+            grpo_prompts=4)
+REAL_LORA_R = 16  # --lora-r's default for a real checkpoint; tiny ones train every parameter
+
 BASE_FAMILY = "qwen2_vl"  # the embedded base's family (stages.stage_base builds it)
 
 # Client -> the family of its own VLM. Heterogeneous: colour needs no fine detail, so it gets
@@ -234,8 +247,19 @@ class Run:
 
     def sft_inputs(self) -> dict:
         a = self.args
-        return {"stage": "sft", "base": provenance.digest(self.base_inputs()), "seed": a.seed, "steps": a.sft_steps,
-                "batch": a.sft_batch, "lr": a.sft_lr, "data": self.data_source("sft_data")}
+        out = {"stage": "sft", "base": provenance.digest(self.base_inputs()), "seed": a.seed, "steps": a.sft_steps,
+               "batch": a.sft_batch, "lr": a.sft_lr, "data": self.data_source("sft_data")}
+        return dict(out, lora_r=self.lora_r(None)) if self.lora_r(None) else out
+
+    def lora_r(self, client: str | None) -> int:
+        """LoRA rank for the server's policy (client None) or a client's RM: --lora-r when given
+        (0: off), else REAL_LORA_R for a real checkpoint (--base, --client-model NAME=DIR) and 0
+        for a tiny one, whose full fine-tuning the embedded default's tables were measured with."""
+        a = self.args
+        if getattr(a, "lora_r", None) is not None:
+            return a.lora_r
+        real = bool(a.base) if client is None else any(kv.split("=", 1)[0] == client for kv in a.client_model)
+        return REAL_LORA_R if real else 0
 
     def rm_inputs(self, client: str) -> dict:
         a = self.args
@@ -254,6 +278,8 @@ class Run:
         out = {"stage": "reward", "client": client, "init": init, "data": src, "seed": a.seed,
                "sft_steps": cfg.sft_steps, "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr,
                "format_share": a.format_share}
+        if (cfg.sft_lr, cfg.sft_batch, cfg.lora_r) != (TINY["rm_sft_lr"], TINY["rm_sft_batch"], 0):
+            out.update(sft_lr=cfg.sft_lr, sft_batch=cfg.sft_batch, lora_r=cfg.lora_r)  # the tiny recipe's keys as before
         if a.format_share:  # format pairs are drawn from the public split
             out["public"] = self.data_source("sft_data")
         return out
@@ -278,6 +304,8 @@ class Run:
                "prompts": self.data_source("prompts"), "steps": a.grpo_steps, "prompts_per_step": a.grpo_prompts,
                "group": a.group, "lr": a.grpo_lr, "beta": a.beta, "format_guard": a.format_guard,
                "max_new_tokens": a.max_new_tokens, "train_vision": a.train_vision}
+        if self.lora_r(None):
+            out["lora_r"] = self.lora_r(None)
         if method == "oracle":
             out["reward"] = "gold answers of the prompt pool"
         else:
@@ -456,7 +484,10 @@ class Run:
             # as many epochs as its domain's expert: steps scaled by its share of the expert's questions
             share = len(self.fed.clients[client]) / max(len(self.fed.clients[NARROW[client][0]]), 1)
             sft, steps = (min(x, max(NARROW_MIN_STEPS, round(x * share))) for x in (sft, steps))
-        return reward.RMConfig(sft_steps=sft, steps=steps, batch=a.rm_batch, lr=a.rm_lr)
+        return reward.RMConfig(sft_steps=sft, steps=steps, batch=a.rm_batch, lr=a.rm_lr,
+                               sft_lr=getattr(a, "rm_sft_lr", None) or TINY["rm_sft_lr"],
+                               sft_batch=getattr(a, "rm_sft_batch", None) or TINY["rm_sft_batch"],
+                               lora_r=self.lora_r(client))
 
     def record_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(seconds, 2)

@@ -101,11 +101,14 @@ def stage_sft(run: Run) -> None:
     set_seed(a.seed)
     # The same loader as for a real checkpoint: --base DIR swaps the tiny model for a real one.
     model, proc = models.load_vlm(base_init_dir(run), device=run.device)
+    if run.lora_r(None):  # a real base: adapters, merged into base/ (kept in base/adapter/ for peft)
+        models.add_lora(model, run.lora_r(None))
     enc = models.Encoder(proc)
     # Public split only: the server never sees a client's questions (those stay in clients/).
     losses = train_sft(model, enc, run.fed.public, a.sft_steps, a.sft_batch, a.sft_lr, a.seed)
     with atomic_dir(run.dir / "base") as tmp:
         provenance.record_dir(tmp, run.sft_inputs())
+        models.merge_lora(model, tmp / "adapter")
         model.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
         atomic_write_json(tmp / "sft_log.json", {"loss": losses, "steps": a.sft_steps, "lr": a.sft_lr,
@@ -450,7 +453,11 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     # drives the prompt order and the sampling, so seeds measure RL noise.
     set_seed(seed)
     policy, proc = models.load_vlm(run.dir / "base", device=run.device)
-    ref, _ = models.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
+    if run.lora_r(None):  # LoRA: pi_ref (E5) is the policy with its adapters off, no second copy
+        models.add_lora(policy, run.lora_r(None))
+        ref = None
+    else:
+        ref, _ = models.load_vlm(run.dir / "base", device=run.device)  # frozen pi_ref (E5)
     t = time.time()
     # the image features of the base's frozen tower serve every job of this process (ImageFeatures.bind
     # empties the cache if a job's tower differs)
@@ -468,6 +475,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     # (method, seed), and the rerun resumes with it.
     with atomic_dir(out) as tmp:
         provenance.record_dir(tmp, run.policy_inputs(method, seed))
+        models.merge_lora(policy, tmp / "adapter")  # adapters for peft in adapter/, merged weights beside
         policy.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
         live = Path(os.environ.get(models.METRICS_ENV) or "/nonexistent") / f"grpo-{method}-s{seed}.jsonl"

@@ -62,3 +62,20 @@ def test_load_refuses_pickle_and_remote_code(tmp_path, tiny_dirs):
         models.load_vlm(d)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         models.load_vlm(tmp_path)
+
+
+def test_trainer_outputs_load_weight_pickles_refused(tmp_path, tiny_dirs, capsys):
+    """An HF Trainer / TRL output directory (training_args.bin, optimizer.pt beside the
+    safetensors) loads, with the ignored files named; any weight pickle is still refused."""
+    d = tmp_path / "trainer_out"
+    shutil.copytree(tiny_dirs["qwen2_vl"], d)
+    for f in ("training_args.bin", "optimizer.pt", "rng_state.pth", "modeling_extra.py"):
+        (d / f).write_bytes(pickle.dumps({"x": 1}))
+    models.check_model_dir(d)
+    err = capsys.readouterr().err
+    assert "ignoring modeling_extra.py, optimizer.pt, rng_state.pth, training_args.bin" in err
+    for bad in ("pytorch_model-00001-of-00002.bin", "weights.pkl", "adapter.pt"):
+        (d / bad).write_bytes(pickle.dumps({"x": 1}))
+        with pytest.raises(ValueError, match=f"refusing to load {bad}: .*no pickle"):
+            models.check_model_dir(d)
+        (d / bad).unlink()
