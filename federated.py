@@ -308,6 +308,28 @@ class Client:
         rm.save(out_dir)
         return metrics
 
+    def local_rm_steps(self, rm: reward.RewardModel, phase: str, steps: int, cfg: reward.RMConfig,
+                       seed: int) -> float:
+        """FedAvg-RM's local update (fedavg_rm_rounds): `steps` steps of E1's recipe on the
+        client's own pairs, from the global RM the server sent, in place (rm's state is the
+        upload). phase "sft": the warm-up on the chosen responses; "bt": Bradley-Terry. A fresh
+        AdamW each round (the server averages parameters, not optimiser moments). -> mean loss."""
+        if phase == "sft":
+            losses = reward.train_sft(rm.vlm, rm.encoder, reward.warmup_examples(self._train), steps, cfg.sft_batch,
+                                      cfg.sft_lr, seed, desc=f"fedavg_rm {self.name} sft")
+        else:
+            opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+            batches = models.image_batches([*self._train, *self._format], cfg.batch, seed)
+            rm.train()
+            losses = []
+            for _ in range(steps):
+                rc, rr = rm.pair_rewards(next(batches))
+                loss = reward.bradley_terry_loss(rc, rr)  # E1
+                if models.guarded_step(opt, loss, rm.parameters(), f"fedavg_rm {self.name} bt"):
+                    losses.append(loss.item())
+            rm.eval()
+        return sum(losses) / max(len(losses), 1)
+
     def pair_accuracy(self, rm: reward.RewardModel) -> float:
         """Held-out pair accuracy of any uploaded RM on this client's data (the cross-domain
         matrix is filled this way: client j scores RM k locally and reports one number)."""
@@ -567,4 +589,50 @@ def fedavg_reward_model(rms: list[reward.RewardModel], counts: list[int]) -> rew
     avg = fedavg([{k: v.detach() for k, v in rm.state_dict().items()} for rm in rms], counts)
     out = rms[0]
     out.load_state_dict(avg)
+    return out
+
+
+def fedavg_rm_rounds(rm: reward.RewardModel, clients: list[Client], cfg: reward.RMConfig, rounds: int,
+                     seed: int) -> list[dict]:
+    """E8's FedAvg-RM as McMahan's FedAvg of the reward model's parameters (in place on `rm`,
+    the global model, initialised once from the common checkpoint):
+
+      for phase in (SFT warm-up, Bradley-Terry), for r = 1..R:
+        theta_k <- `local_rm_steps` of client k from theta (its share of the phase's steps)
+        theta   <- sum_k n_k / sum_j n_j theta_k                                        (E4)
+
+    The phase's steps are split over its R rounds (the remainder to the first rounds), so every
+    client takes cfg.sft_steps + cfg.steps local steps on its own pairs in all: the recipe of
+    its own RM. Returns one log entry per round {phase, round, steps, loss (n_k-weighted)}."""
+    counts = [c.n for c in clients]
+    log = []
+    for phase, total in (("sft", cfg.sft_steps), ("bt", cfg.steps)):
+        for r in range(rounds):
+            steps = total // rounds + (r < total % rounds)
+            if steps == 0:
+                continue
+            theta = {k: v.detach().clone() for k, v in rm.state_dict().items()}
+            states, losses = [], []
+            for c in clients:
+                rm.load_state_dict(theta)
+                losses.append(c.local_rm_steps(rm, phase, steps, cfg, seed * 1000 + r))
+                states.append({k: v.detach().clone() for k, v in rm.state_dict().items()})
+            rm.load_state_dict(fedavg(states, counts))
+            log.append({"phase": phase, "round": r, "steps": steps,
+                        "loss": sum(n * x for n, x in zip(counts, losses)) / sum(counts)})
+            tqdm.write(f"fedavg_rm {phase} round {r}: {steps} local steps, loss {log[-1]['loss']:.4f}")
+    return log
+
+
+def pooled_client(clients: list[Client]) -> Client:
+    """The central_router reference row: one client holding every client's routing cache (the
+    pairs' features and K RM scores, after prepare_routing), as if the pairs had been pooled on
+    one server. Trained with run_rounds over this one client, the same R rounds x E epochs see
+    each pair as often as federated training does; what differs is only that nothing is averaged."""
+    out = Client.__new__(Client)
+    out.name, out._seed, out._format = "central", clients[0]._seed, []
+    out._train = [p for c in clients for p in c._train]
+    out._heldout = [p for c in clients for p in c._heldout]
+    out._routing = {part: tuple(torch.cat([c._routing[part][i] for c in clients]) for i in range(4))
+                    for part in ("train", "heldout")}
     return out
