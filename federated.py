@@ -26,9 +26,11 @@ Joining and leaving without retraining (the last layer of the router has one row
          client fits the new row alone on its pairs (Client.fit_new_rm), then warm rounds
   leave  row k removed                                          -> w'_j = w_j / (1 - w_k)
 
-Used twice in MoR: for the router's parameters each round (E4), and once for the FedAvg-RM
-baseline (E8, homogeneous setting only: one reward model whose parameters are the sample-weighted
-average of the client RMs, i.e. the parameter-sharing method MoR is compared against).
+Used in MoR for the router's parameters each round (E4), and for the FedAvg-RM baseline (E8,
+homogeneous setting only: the parameter-sharing method MoR is compared against), as McMahan's
+multi-round FedAvg of one reward model (`fedavg_rm_rounds`: each round every client takes local
+steps of its own RM recipe from the global RM, the server averages by n_k) and, labelled one-shot,
+as the n_k-average of the K separately trained RMs (`fedavg_reward_model`).
 
 What may cross the boundary between a client and the server is deliberately narrow: state dicts
 of tensors (safetensors on disk), reward-model directories, counts n_k and scalar metrics. The

@@ -295,7 +295,7 @@ class NTSReward(HardReward):
     (models.balanced_batches), so any single arm is the wrong expert for (K-1)/K of a batch's
     prompts and a batch-mean context is the same for every batch; measured 44.0% vs 88.7% soft."""
 
-    def __init__(self, rms: list, ts, group: int, feedback: str = "probe", probe: float = 0.25, tau: float = 0.5,
+    def __init__(self, rms: list, ts, group: int, feedback: str = "probe", probe: float = 0.08, tau: float = 0.5,
                  all_arms: bool = True, referee=None, format_guard: bool = True, domains: dict | None = None,
                  seed: int = 0, per_batch: bool = False):
         if per_batch:
@@ -449,9 +449,10 @@ def own_share(log: list[dict], own_arm: dict, first: int = 10, last: int = 10) -
 
 @dataclass
 class GRPOConfig:
-    """Defaults: the embedded default's main table. --quick shrinks steps."""
+    """Defaults: the embedded default's main table (mor.py passes every one as a flag: --grpo-steps
+    40, --quick 3)."""
 
-    steps: int = 80
+    steps: int = 40
     prompts: int = 16  # N prompts per step
     group: int = 8  # G samples per prompt
     max_new_tokens: int = 4
