@@ -81,7 +81,8 @@ def parse_args(argv=None):
                         "many12 (the three experts + 3 / 9 narrow clients: K = 6 / 12), or own (only the "
                         "clients of --client-data)")
     p.add_argument("--full", action="store_true",
-                   help="the main table with the reference rows (--methods all), then the homogeneous setting, then the bucket and noisy settings "
+                   help="the main table with the reference rows (--methods all), then the homogeneous setting, "
+                        "then the bucket and noisy settings "
                         f"({BUCKET_METHODS}), then many6 and many12 ({MANY_METHODS}), then FedVPA-GP's table (experiments/fedvpa_table.py)")
     # -- your own task: the server-side data that replaces the embedded benchmark's ------------
     p.add_argument("--prompts", default=None, metavar="FILE",

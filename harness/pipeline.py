@@ -249,8 +249,9 @@ class Run:
         if client in self.user_data:
             src = provenance.data_digest(self.user_data[client])
         else:
-            src = {"noisy": "embedded, half reversed", "weak": f"embedded, {WEAK_QUESTIONS} clean questions answered {'/'.join(WEAK_ANSWERS)}"
-                   }.get(client if client == weak_client(a.setting) else None, "embedded")
+            weak = f"embedded, {WEAK_QUESTIONS} clean questions answered {'/'.join(WEAK_ANSWERS)}"
+            src = {"noisy": "embedded, half reversed", "weak": weak}.get(
+                client if client == weak_client(a.setting) else None, "embedded")
             if client in NARROW and client in MANY.get(a.setting, ()):
                 src = f"embedded public split, clean labels, answers {'/'.join(NARROW[client][1])}"
         cfg = self.rm_config(client)
@@ -478,8 +479,8 @@ EXTRA_METHODS = ("min_rm", "uwo_rm", "random_hard", "central_router")
 RENAMED = {"mor_nts": "mor"}  # old name -> the paper's name: an old --methods gets a one-line error
 
 
-def methods(run: Run, extra: bool = False) -> list[str]:
-    """E8's methods in table order; --methods picks a subset (extra=True: the full list).
+def methods(run: Run) -> list[str]:
+    """E8's methods in table order; --methods picks a subset ('all': every row).
 
       oracle         exact match with the gold answer: the upper bound the server never has
       mor            the paper's MoR: the federated router as the prior of a Neural Thompson
@@ -504,8 +505,6 @@ def methods(run: Run, extra: bool = False) -> list[str]:
     if run.fed.pool_gold is None:  # no gold answers in the user's prompt pool: no oracle
         out.remove("oracle")
     full = out + list(EXTRA_METHODS) + (["fedavg_rm_oneshot"] if run.args.setting == "homogeneous" else [])
-    if extra:
-        return full
     if run.args.setting in MANY and not run.args.methods:  # 12 single-RM rows would be 36 jobs of no use
         return [m for m in out if m in MANY_METHODS.split(",")]
     if run.args.methods == "all":  # every row, the reference rows included (--full's main table)

@@ -20,7 +20,8 @@ from harness.pipeline import Run
     (["--client-fraction", "0"], "--client-fraction"), (["--stages", "sft,sft"], "named twice"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--prompts", "/nonexistent.jsonl"], "--prompts"),
     (["--client-model", "color=/nonexistent"], "--client-model"), (["--setting", "own"], "--setting own"),
-    (["--methods", "oracle,mor_nts"], "--methods mor_nts: renamed to mor"), (["--fedavg-rm-rounds", "0"], "--fedavg-rm-rounds 0"),
+    (["--methods", "oracle,mor_nts"], "--methods mor_nts: renamed to mor"),
+    (["--fedavg-rm-rounds", "0"], "--fedavg-rm-rounds 0"),
 ])
 def test_nonsense_flag_values_are_one_line_errors_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
