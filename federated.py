@@ -27,9 +27,11 @@ Joining and leaving without retraining (the last layer of the router has one row
          client fits the new row alone on its pairs (Client.fit_new_rm), then warm rounds
   leave  row k removed                                          -> w'_j = w_j / (1 - w_k)
 
-Used twice in MoR: for the router's parameters each round (E4), and once for the FedAvg-RM
-baseline (E8, homogeneous setting only: one reward model whose parameters are the sample-weighted
-average of the client RMs, i.e. the parameter-sharing method MoR is compared against).
+Used in MoR for the router's parameters each round (E4), and for the FedAvg-RM baseline (E8,
+homogeneous setting only: the parameter-sharing method MoR is compared against), as McMahan's
+multi-round FedAvg of one reward model (`fedavg_rm_rounds`: each round every client takes local
+steps of its own RM recipe from the global RM, the server averages by n_k) and, labelled one-shot,
+as the n_k-average of the K separately trained RMs (`fedavg_reward_model`).
 
 What may cross the boundary between a client and the server is deliberately narrow: state dicts
 of tensors (safetensors on disk), reward-model directories, counts n_k and scalar metrics. The
@@ -309,6 +311,28 @@ class Client:
         rm.save(out_dir)
         return metrics
 
+    def local_rm_steps(self, rm: reward.RewardModel, phase: str, steps: int, cfg: reward.RMConfig,
+                       seed: int) -> float:
+        """FedAvg-RM's local update (fedavg_rm_rounds): `steps` steps of E1's recipe on the
+        client's own pairs, from the global RM the server sent, in place (rm's state is the
+        upload). phase "sft": the warm-up on the chosen responses; "bt": Bradley-Terry. A fresh
+        AdamW each round (the server averages parameters, not optimiser moments). -> mean loss."""
+        if phase == "sft":
+            losses = reward.train_sft(rm.vlm, rm.encoder, reward.warmup_examples(self._train), steps, cfg.sft_batch,
+                                      cfg.sft_lr, seed, desc=f"fedavg_rm {self.name} sft")
+        else:
+            opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+            batches = models.image_batches([*self._train, *self._format], cfg.batch, seed)
+            rm.train()
+            losses = []
+            for _ in range(steps):
+                rc, rr = rm.pair_rewards(next(batches))
+                loss = reward.bradley_terry_loss(rc, rr)  # E1
+                if models.guarded_step(opt, loss, rm.parameters(), f"fedavg_rm {self.name} bt"):
+                    losses.append(loss.item())
+            rm.eval()
+        return sum(losses) / max(len(losses), 1)
+
     def pair_accuracy(self, rm: reward.RewardModel) -> float:
         """Held-out pair accuracy of any uploaded RM on this client's data (the cross-domain
         matrix is filled this way: client j scores RM k locally and reports one number)."""
@@ -569,4 +593,50 @@ def fedavg_reward_model(rms: list[reward.RewardModel], counts: list[int]) -> rew
     avg = fedavg([{k: v.detach() for k, v in rm.state_dict().items()} for rm in rms], counts)
     out = rms[0]
     out.load_state_dict(avg)
+    return out
+
+
+def fedavg_rm_rounds(rm: reward.RewardModel, clients: list[Client], cfg: reward.RMConfig, rounds: int,
+                     seed: int) -> list[dict]:
+    """E8's FedAvg-RM as McMahan's FedAvg of the reward model's parameters (in place on `rm`,
+    the global model, initialised once from the common checkpoint):
+
+      for phase in (SFT warm-up, Bradley-Terry), for r = 1..R:
+        theta_k <- `local_rm_steps` of client k from theta (its share of the phase's steps)
+        theta   <- sum_k n_k / sum_j n_j theta_k                                        (E4)
+
+    The phase's steps are split over its R rounds (the remainder to the first rounds), so every
+    client takes cfg.sft_steps + cfg.steps local steps on its own pairs in all: the recipe of
+    its own RM. Returns one log entry per round {phase, round, steps, loss (n_k-weighted)}."""
+    counts = [c.n for c in clients]
+    log = []
+    for phase, total in (("sft", cfg.sft_steps), ("bt", cfg.steps)):
+        for r in range(rounds):
+            steps = total // rounds + (r < total % rounds)
+            if steps == 0:
+                continue
+            theta = {k: v.detach().clone() for k, v in rm.state_dict().items()}
+            states, losses = [], []
+            for c in clients:
+                rm.load_state_dict(theta)
+                losses.append(c.local_rm_steps(rm, phase, steps, cfg, seed * 1000 + r))
+                states.append({k: v.detach().clone() for k, v in rm.state_dict().items()})
+            rm.load_state_dict(fedavg(states, counts))
+            log.append({"phase": phase, "round": r, "steps": steps,
+                        "loss": sum(n * x for n, x in zip(counts, losses)) / sum(counts)})
+            tqdm.write(f"fedavg_rm {phase} round {r}: {steps} local steps, loss {log[-1]['loss']:.4f}")
+    return log
+
+
+def pooled_client(clients: list[Client]) -> Client:
+    """The central_router reference row: one client holding every client's routing cache (the
+    pairs' features and K RM scores, after prepare_routing), as if the pairs had been pooled on
+    one server. Trained with run_rounds over this one client, the same R rounds x E epochs see
+    each pair as often as federated training does; what differs is only that nothing is averaged."""
+    out = Client.__new__(Client)
+    out.name, out._seed, out._format = "central", clients[0]._seed, []
+    out._train = [p for c in clients for p in c._train]
+    out._heldout = [p for c in clients for p in c._heldout]
+    out._routing = {part: tuple(torch.cat([c._routing[part][i] for c in clients]) for i in range(4))
+                    for part in ("train", "heldout")}
     return out

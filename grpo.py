@@ -278,18 +278,23 @@ class HardReward:
 
 
 class NTSReward(HardReward):
-    """MoR+NTS (E6-E7): hard routing by Neural Thompson Sampling (nts.NeuralTS), one arm per
-    prompt drawn on the prompt's context, the same context its feedback updates.
+    """MoR, the paper's method (E6-E7): hard routing by Neural Thompson Sampling (nts.NeuralTS)
+    around the federated router, one arm per prompt drawn on the prompt's context, the same
+    context its feedback updates.
 
     feedback="probe" (nts.probe_feedback): a share `probe` of each batch's prompts (stochastic
     rounding of probe * N, seeded) is scored by every RM in the same per-RM batched calls; those
     prompts are rewarded with the referee's mixture R^mix (E3: all K scores are paid, so the
     policy gets the best reward on hand) and give b_k to every arm (all_arms=True) or to the
-    drawn arm only. feedback="median" (nts.median_feedback): no probes; `feedback(gain)` needs
-    each prompt's GRPO-objective gain (`needs_gain`). The bandit learns in `feedback`, after the
-    policy step, so a batch train_grpo drops teaches it nothing.
+    drawn arm only. feedback="improvement" (nts.improvement_delta, nts.ArmBaseline): the same
+    probes, but the policy steps on the drawn arm's reward everywhere; after the step the
+    prompt's objective is re-evaluated with the other arms' consensus advantages and judged
+    against the arm's running baseline (the drawn arm only). feedback="median"
+    (nts.median_feedback): no probes. The last two need the step's change of the objective
+    (`needs_gain`: train_grpo passes `step_change`'s dict to `feedback`). The bandit learns in
+    `feedback`, after the policy step, so a batch train_grpo drops teaches it nothing.
 
-    referee: the soft mixture's weight source (default: the bandit's frozen router).
+    referee: the soft mixture's weight source of the probe rule (default: the bandit's router).
     format_guard: compare RMs on well-formed samples only (GRPOConfig.format_guard).
     domains: {prompt text: domain} for the log (the question text fixes the domain).
     log: per prompt per step {step, prompt, domain, arm, b (drawn arm's, None without feedback),
@@ -300,7 +305,7 @@ class NTSReward(HardReward):
     (models.balanced_batches), so any single arm is the wrong expert for (K-1)/K of a batch's
     prompts and a batch-mean context is the same for every batch; measured 44.0% vs 88.7% soft."""
 
-    def __init__(self, rms: list, ts, group: int, feedback: str = "probe", probe: float = 0.25, tau: float = 0.5,
+    def __init__(self, rms: list, ts, group: int, feedback: str = "probe", probe: float = 0.08, tau: float = 0.5,
                  all_arms: bool = True, referee=None, format_guard: bool = True, domains: dict | None = None,
                  seed: int = 0, per_batch: bool = False):
         if per_batch:
@@ -309,9 +314,10 @@ class NTSReward(HardReward):
             raise ValueError(f"NTS feedback {feedback!r}: one of {nts.FEEDBACK}")
         super().__init__(rms, ts.router, group, domains)
         self.ts, self.rule, self.tau, self.all_arms, self.guard = ts, feedback, tau, all_arms, format_guard
-        self.probe = probe if feedback == "probe" else 0.0
+        self.probe = probe if feedback in ("probe", "improvement") else 0.0
         self.referee = referee if referee is not None else ts.router
-        self.needs_gain = feedback == "median"
+        self.needs_gain = feedback in ("median", "improvement")
+        self.baseline = nts.ArmBaseline(len(rms)) if feedback == "improvement" else None
         self.gen = torch.Generator().manual_seed(seed)
         self.history: list[dict] = []
         self._pending = None
@@ -332,33 +338,46 @@ class NTSReward(HardReward):
         need = (torch.nn.functional.one_hot(arms, K).bool() | probe.unsqueeze(1)).repeat_interleave(G, 0)
         r_all = score_routed(self.rms, need, images, prompts, responses, self.calls)  # [N*G, K]
         r = r_all.gather(1, arms.repeat_interleave(G).unsqueeze(1)).squeeze(1)  # [N*G] drawn arm's
-        b = None
+        b = probed = valid = None
         if probe.any():
             rows = probe.repeat_interleave(G)  # [N*G]
-            mix = router.mixed_reward(self.referee.weights(e[rows].float()), r_all[rows])  # E3 [n*G]
-            r[rows] = mix
-            valid = None
             if self.guard:
                 valid = torch.tensor([data.extract_answer(o) is not None for o, q in zip(responses, rows) if q])
                 valid = valid.view(-1, G)
-            b = nts.probe_feedback(r_all[rows].view(-1, G, K).transpose(1, 2), mix.view(-1, G), valid, self.tau)
+            probed = r_all[rows].view(-1, G, K).transpose(1, 2)  # [n, K, G]
+            if self.rule == "probe":
+                mix = router.mixed_reward(self.referee.weights(e[rows].float()), r_all[rows])  # E3 [n*G]
+                r[rows] = mix
+                b = nts.probe_feedback(probed, mix.view(-1, G), valid, self.tau)
         entries = self._entries(prompts, arms, r, probe)
-        self._pending = (ctx, arms, probe, b, entries)
+        self._pending = (ctx, arms, probe, b, entries, probed, valid)
         self.history.append({"prompts": prompts[::G], "arms": arms.tolist(), "variance": self.ts.last_variance,
                              "feedback": None})
         return r
 
-    def feedback(self, gain: torch.Tensor | None = None) -> None:
+    def feedback(self, change: dict | None = None) -> None:
         """E7 then E6: turn the pending step into (context, arm, b) triples and update the bandit.
-        gain [N]: each prompt's GRPO-objective gain (median rule only)."""
+        change: train_grpo's `step_change` of the step (median and improvement rules only)."""
         if self._pending is None:
             return
-        ctx, arms, probe, b, entries = self._pending
+        ctx, arms, probe, b, entries, probed, valid = self._pending
         self._pending = None
         K = len(self.rms)
         if self.rule == "median":
-            mine = nts.median_feedback(gain)  # [N]
+            mine = nts.median_feedback(change["gain"])  # [N]
             self.ts.update(ctx, arms, mine)
+        elif self.rule == "improvement":
+            mine = torch.full((len(arms),), float("nan"))
+            if probed is None:
+                return
+            idx = probe.nonzero().squeeze(1)  # [n] probe prompts: the K scores give the consensus
+            delta = nts.improvement_delta(probed, arms[idx], change["ratio_gain"][idx], change["kl_change"][idx],
+                                          change["beta"], valid)
+            mine[idx], z = self.baseline(arms[idx], delta)
+            self.ts.update(ctx[idx], arms[idx], mine[idx])
+            for i, k in enumerate(idx.tolist()):
+                entries[k]["delta"] = None if delta[i] != delta[i] else delta[i].item()
+                entries[k]["z"] = None if z[i] != z[i] else z[i].item()
         elif b is None:
             return
         else:
@@ -375,6 +394,47 @@ class NTSReward(HardReward):
             ent["b"] = None if x != x else x  # NaN: no feedback
         given = mine[torch.isfinite(mine)]
         self.history[-1]["feedback"] = given.mean().item() if len(given) else None
+
+
+class RandomHardReward(HardReward):
+    """random_hard (a reference row): one RM per prompt drawn uniformly at random (seeded), the
+    hard-routing cost with no router: what the router's choice is worth over chance."""
+
+    def __init__(self, rms: list, group: int, domains: dict | None = None, seed: int = 0):
+        super().__init__(rms, None, group, domains)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        arms = torch.randint(len(self.rms), (len(prompts) // self.group,), generator=self.gen)  # [N]
+        need = torch.nn.functional.one_hot(arms, len(self.rms)).bool().repeat_interleave(self.group, 0)
+        r = score_routed(self.rms, need, images, prompts, responses, self.calls)[need]  # [N*G]
+        self._entries(prompts, arms, r, torch.zeros(len(arms), dtype=torch.bool))
+        return r
+
+
+UWO_PENALTY = 1.0  # uwo_rm's variance weight (Coste et al. 2024 tune it; 1 on standardised rewards)
+
+
+class EnsembleReward:
+    """Router-free ensembles of the K standardised RMs (reference rows, Coste et al. 2024):
+      min_rm   R_i = min_k r^k_i                                   worst case over the members
+      uwo_rm   R_i = mean_k r^k_i - UWO_PENALTY * var_k r^k_i      uncertainty-weighted (var: 1/K)
+    Every RM scores every row (the soft mixtures' cost)."""
+
+    def __init__(self, rms: list, rule: str, penalty: float = UWO_PENALTY):
+        if rule not in ("min_rm", "uwo_rm"):
+            raise ValueError(f"EnsembleReward: unknown rule {rule!r}; min_rm or uwo_rm")
+        self.rms, self.rule, self.penalty = rms, rule, penalty
+        self.calls = [0] * len(rms)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, responses, e) -> torch.Tensor:
+        need = torch.ones(len(responses), len(self.rms), dtype=torch.bool)
+        r = score_routed(self.rms, need, images, prompts, responses, self.calls)  # [B, K]
+        if self.rule == "min_rm":
+            return r.amin(1)
+        return r.mean(1) - self.penalty * r.var(1, unbiased=False)
 
 
 def own_share(log: list[dict], own_arm: dict, first: int = 10, last: int = 10) -> dict:
@@ -399,9 +459,10 @@ def own_share(log: list[dict], own_arm: dict, first: int = 10, last: int = 10) -
 
 @dataclass
 class GRPOConfig:
-    """Defaults: the embedded default's main table. --quick shrinks steps."""
+    """Defaults: the embedded default's main table (mor.py passes every one as a flag: --grpo-steps
+    40, --quick 3)."""
 
-    steps: int = 80
+    steps: int = 40
     prompts: int = 16  # N prompts per step
     group: int = 8  # G samples per prompt
     max_new_tokens: int = 4
@@ -508,17 +569,15 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
             if not models.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
                 log["skipped"].append(step)
-        # -- 4b. E7: feedback for a bandit router; the median rule needs each prompt's objective
-        # gain over this step (one extra no-grad forward), the probe rule has its b already
+        # -- 4b. E7: feedback for a bandit router; the median and improvement rules need the
+        # step's change of the objective (one extra no-grad forward), the probe rule has its b
         if hasattr(reward_fn, "feedback"):
-            gain = None
+            change = None
             if getattr(reward_fn, "needs_gain", True):
                 with torch.no_grad():
                     new_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
-                    before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
-                    after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)
-                gain = (after - before).view(-1, G).mean(1).cpu()  # [N]
-            reward_fn.feedback(gain)
+                change = step_change(logp.detach(), new_logp, ref_logp, adv, mask, cfg.beta, G)
+            reward_fn.feedback(change)
         # -- 5. what the bar and the logs show -------------------------------------------------
         m = mask.float()
         kl = ((kl_k3(logp.detach(), ref_logp) * m).sum(1) / m.sum(1).clamp(min=1)).mean().item()
@@ -567,6 +626,24 @@ def _objective(logp, old_logp, ref_logp, advantages, mask, beta) -> torch.Tensor
     m = mask.to(logp.dtype)
     j = torch.exp(logp - old_logp) * advantages.unsqueeze(1) - beta * kl_k3(logp, ref_logp)
     return (j * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def step_change(logp, new_logp, ref_logp, advantages, mask, beta: float, group: int) -> dict:
+    """What one policy step did to each sample's objective (E7), from the log-probs before (logp,
+    pi_old = pi_theta at sampling) and after it. J_i is linear in A_i, J_i(A) = A_i mean_t ratio_t
+    - beta mean_t KL_t, so the change under ANY advantages A is A_i u_i - beta dKL_i:
+      gain        [N]     mean over the group of J_after - J_before with the step's own A (median)
+      ratio_gain  [N, G]  u_i = mean_t(ratio after) - 1        (ratio before = 1)
+      kl_change   [N, G]  mean_t KL_t after - before
+      beta                the KL weight, for a rule that re-evaluates J with other advantages"""
+    m = mask.to(logp.dtype)
+    tmean = lambda x: (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # noqa: E731  per sequence [N*G]
+    before = _objective(logp, logp, ref_logp, advantages, mask, beta)
+    after = _objective(new_logp, logp, ref_logp, advantages, mask, beta)
+    return {"gain": (after - before).view(-1, group).mean(1).cpu(),
+            "ratio_gain": (tmean(torch.exp(new_logp - logp)) - 1).view(-1, group).cpu(),
+            "kl_change": (tmean(kl_k3(new_logp, ref_logp)) - tmean(kl_k3(logp, ref_logp))).view(-1, group).cpu(),
+            "beta": beta}
 
 
 def _expand(feats: tuple, group: int) -> tuple:

@@ -32,8 +32,8 @@ import nts
 import router
 import safe_io
 from harness import memory, runs
-from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, MANY_METHODS, QUICK, REAL, REAL_LORA_R, SETTINGS,
-                              STAGE_OUTPUT, TINY, USER_FAMILY, Run, methods)
+from harness.pipeline import (BUCKET_METHODS, CLIENT_NAME, DEFAULT, EXTRA_METHODS, MANY_METHODS, QUICK, REAL,
+                              REAL_LORA_R, RENAMED, ROUTED, SETTINGS, STAGE_OUTPUT, TINY, USER_FAMILY, Run, methods)
 from harness.report import results_markdown
 from harness.stages import STAGES, preflight
 from judge import JUDGES
@@ -99,7 +99,8 @@ def parse_args(argv=None):
                         "many12 (the three experts + 3 / 9 narrow clients: K = 6 / 12), or own (only the "
                         "clients of --client-data)")
     p.add_argument("--full", action="store_true",
-                   help="the main table, then the homogeneous setting, then the bucket and noisy settings "
+                   help="the main table with the reference rows (--methods all), then the homogeneous setting, "
+                        "then the bucket and noisy settings "
                         f"({BUCKET_METHODS}), then many6 and many12 ({MANY_METHODS}), then FedVPA-GP's table (experiments/fedvpa_table.py)")
     # -- your own task: the server-side data that replaces the embedded benchmark's ------------
     p.add_argument("--prompts", default=None, metavar="FILE",
@@ -139,6 +140,9 @@ def parse_args(argv=None):
     p.add_argument("--rm-lr", type=float, default=None,
                    help=f"AdamW learning rate of the BT phase (default {TINY['rm_lr']}, {REAL['rm_lr']} with a real "
                         "--client-model)")
+    p.add_argument("--fedavg-rm-rounds", type=int, default=10,
+                   help="FedAvg-RM (homogeneous setting): rounds R of parameter FedAvg per phase (warm-up, BT); each "
+                        "client takes 1/R of its own RM recipe's steps per round (default %(default)s)")
     # -- E2-E4: the router, trained by federated rounds ------------------------------------------
     p.add_argument("--rounds", type=int, default=None, help="federated router rounds R (default 30, --quick 5)")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs E per client per round")
@@ -156,7 +160,7 @@ def parse_args(argv=None):
     p.add_argument("--router-withhold", default=None, metavar="NAME",
                    help="the shift scenario: client NAME's RM stays one of the K arms, but NAME takes no part "
                         "in the router's rounds (as if it joined after the router was trained), so the router "
-                        "starts wrong on NAME's prompts and online routing (mor_nts) must recover them")
+                        "starts wrong on NAME's prompts and online routing (mor) must recover them")
     p.add_argument("--router-from", default=None, metavar="FILE",
                    help="clients that join and leave: start the router's rounds from a trained router "
                         "(a router-<setting>.safetensors, its .json beside it names its clients) instead of "
@@ -164,7 +168,9 @@ def parse_args(argv=None):
                         "fits on its own pairs first (federated.warm_start); then --rounds rounds")
     p.add_argument("--client-fraction", type=float, default=1.0, help="share of clients sampled per round")
     # -- E5/E8: GRPO of a copy of the reference for every method and seed ------------------------
-    p.add_argument("--methods", default=None, help="comma-separated subset of E8's methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of E8's methods (default: all of the default table; the reference "
+                        f"rows {','.join(EXTRA_METHODS)} run only when named here, by 'all' or with --full)")
     p.add_argument("--seeds", default=None, help="GRPO seeds, comma-separated (default 0,1,2,3,4; --quick 0)")
     p.add_argument("--single-rm-seeds", type=int, default=3,
                    help="a single client's RM alone (rm_*) runs only the first N of --seeds (default %(default)s)")
@@ -181,7 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--train-vision", action="store_true",
                    help="let GRPO train the policy's vision tower too (default: frozen, the paper's design, "
                         "and each image's features computed once per job, grpo.ImageFeatures)")
-    # -- E6-E7: online routing by Neural Thompson Sampling (mor_nts) -------------------------------
+    # -- E6-E7: online routing by Neural Thompson Sampling (mor, the paper's method) --------------
     p.add_argument("--nts-lambda", type=float, default=1.0,
                    help="NTS prior precision lambda (E6): pulls the residual back to the router")
     p.add_argument("--nts-nu", type=float, default=0.3, help="NTS exploration scale nu (E6); 0: no exploration")
@@ -189,10 +195,12 @@ def parse_args(argv=None):
                    help="NTS optimizer steps on the replayed feedback after each GRPO step (E6); 0: never learns")
     p.add_argument("--nts-feedback", choices=list(nts.FEEDBACK), default="probe",
                    help="E7's bandit feedback: probe (on a share --nts-probe of prompts every RM scores the "
-                        "group and the router's soft mixture referees) or median (the old objective-gain rule, "
-                        "an ablation); see nts.py")
+                        "group and the router's soft mixture referees), improvement (the paper's: the GRPO "
+                        "objective's change on a probed prompt after the step, measured with the other RMs' "
+                        "consensus advantages against the arm's running baseline) or median (the old "
+                        "objective-gain rule, an ablation); see nts.py")
     p.add_argument("--nts-probe", type=float, default=0.08,
-                   help="share of prompts probed by every RM for --nts-feedback probe (RM rows per sample: "
+                   help="share of prompts probed by every RM for --nts-feedback probe or improvement (RM rows per sample: "
                         "1 + p (K - 1); default %(default)s: with K = 3, (1 + 2p) / 3 = 39%% of the soft "
                         "mixture's rows, under the 40%% budget; 0.25 measured 49%%)")
     # --config first: its values become the parser's defaults, so the command line overrides them
@@ -226,7 +234,7 @@ INT_AT_LEAST = {"max_new_tokens": 1, "seed": 0, "threads": 1, "workers": 1, "pre
                 "test_per_domain": 1, "rm_sft_steps": 0, "rm_steps": 1, "rm_batch": 1, "rounds": 1,
                 "local_epochs": 1, "router_batch": 1, "router_pairs": 1, "router_hidden": 1, "grpo_steps": 1,
                 "grpo_prompts": 1, "group": 2, "nts_update_steps": 0, "single_rm_seeds": 1, "lora_r": 0,
-                "rm_sft_batch": 1}
+                "rm_sft_batch": 1, "fedavg_rm_rounds": 1}
 # group >= 2: E5's advantage divides by the std of the group's rewards, undefined for one sample.
 POSITIVE_FLOAT = ["sft_lr", "pretrain_lr", "rm_lr", "rm_sft_lr", "router_lr", "grpo_lr", "nts_lambda"]
 NONNEGATIVE_FLOAT = ["beta", "nts_nu", "nts_probe", "format_share"]
@@ -275,6 +283,10 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
         ms = [m.strip() for m in a.methods.split(",")]
         if not all(ms) or len(set(ms)) != len(ms):
             p.error(f"--methods {a.methods!r}: expected distinct comma-separated method names")
+        for m in ms:
+            if m in RENAMED:
+                p.error(f"--methods {m}: renamed to {RENAMED[m]} (the paper's MoR: NTS online routing); "
+                        "the frozen router's soft mixture is mor_soft, its argmax mor_hard")
         a.methods = ",".join(ms)
     user = []
     for kv in a.client_data:
@@ -351,7 +363,7 @@ def _main(a, argv) -> int:
         # One run directory, six settings: sft and the RMs of shared families are reused (the
         # many-client settings keep the heterogeneous experts' RMs and add the narrow clients').
         argv = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--full"]
-        for setting, extra in (("heterogeneous", []), ("homogeneous", []), ("bucket", ["--methods", BUCKET_METHODS]),
+        for setting, extra in (("heterogeneous", ["--methods", "all"]), ("homogeneous", []), ("bucket", ["--methods", BUCKET_METHODS]),
                               ("noisy", ["--methods", BUCKET_METHODS]), ("many6", ["--methods", MANY_METHODS]),
                               ("many12", ["--methods", MANY_METHODS])):
             print(f"=== --full: {setting} setting ===", flush=True)
@@ -409,8 +421,8 @@ def _stages(run: Run, a) -> int:
         raise SystemExit(gap)
     for name in pending:  # a stage never reads a stale upstream output that this run will not redo
         ups = UPSTREAM[name]
-        if name == "grpo" and not any(m.startswith("mor") for m in methods(run)):
-            ups = [u for u in ups if u != "router"]  # only MoR's methods read the router
+        if name == "grpo" and not set(methods(run)) & {*ROUTED, "central_router"}:
+            ups = [u for u in ups if u != "router"]  # only the routed methods read the router
         for up in ups:
             if up not in names and (up != "base" or not a.base) and run.stale(up):
                 raise SystemExit(f"[{name}] reads the {up} stage's output, which is stale (the line above "

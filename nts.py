@@ -36,16 +36,40 @@ E7. The feedback b, one rule per name in FEEDBACK:
                    Pearson of rewards = Pearson of E5's advantages (affine within a group): rho_k
                    asks whether arm k pushes the group's samples the way the mixture does. Other
                    prompts give no feedback. RM rows per prompt: (1 + p (K - 1)) G on average.
+                   Depends on: the frozen router (its mixture is the referee), so it can re-rank
+                   arms only where the mixture and the router's argmax disagree; it cannot
+                   overrule the router where the router is confidently wrong.
+  improvement      the paper's "binary feedback based on GRPO objective improvement". On a share
+                   p of the prompts every RM scores the group, but the policy steps on the drawn
+                   arm k's reward alone. After the step, the GRPO objective of the prompt is
+                   re-evaluated (one no-grad forward of the updated policy) with advantages the
+                   arm did not produce: those of the leave-one-out consensus of the other arms,
+                     R^-k_i = sum_{j != k} r^j_i / (K - 1),   A^-k = E5's advantages of R^-k
+                     J_i(A) = A_i mean_t(ratio_t) - beta mean_t KL_t         (E5, unclipped)
+                     Delta  = mean_i [ J_i^after(A^-k) - J_i^before(A^-k) ]
+                            = mean_i [ A^-k_i (mean_t ratio^after_t - 1) - beta dKL_i ]
+                   and judged against arm k's own running baseline (BayesianRouter's z-scored EMA):
+                     z = (Delta - mu_k) / sigma_k,   b = 1[ z > 0 ]
+                     mu_k <- (1 - alpha) mu_k + alpha Delta,  s2_k likewise on (Delta - mu_k)^2
+                   no feedback until arm k has `warmup` observations (they seed mu_k, sigma_k),
+                   nor where A^-k or r^k is tied in the group. Only the drawn arm is graded.
+                   Depends on: the other RMs' errors being independent of arm k's (a consensus of
+                   honest but different experts ranks the group closer to the truth than a wrong
+                   arm does; RMs that share a shortcut can outvote it), on the policy's step (the
+                   ratio change tells which samples the step raised), and on arm k's own history
+                   (the baseline removes what the arm gains everywhere: an arm grades each
+                   context against its other contexts, never against its own advantages). It reads
+                   neither the router nor its mixture, so it can overrule the router.
   median           b = 1[ gain >= median over the batch's prompts ], gain = J_after - J_before of
-                   the prompt's GRPO objective over the step (kept as an ablation).
+                   the prompt's GRPO objective over the step with the drawn arm's own advantages
+                   (kept as an ablation). Depends on: the arm itself (see below).
 
-Why probe: `median` grades an RM against itself (the step climbed the chosen RM's own
+Why not median: it grades an RM against itself (the step climbed the chosen RM's own
 advantages, so every RM "improves its objective"), and a group with tied rewards has gain
 ~ -beta dKL, below the median, so a domain the policy already answers punishes its own expert.
-The probe grades an RM against an independent referee on the same samples, and a tied group
-(no ranking to compare) gives no feedback instead of b = 0. Every arm gets b on a probe prompt:
-its K scores are paid anyway, and K unselected observations remove the selection bias of
-chosen-arm-only feedback.
+The probe grades an RM against a referee on the same samples, and a tied group (no ranking to
+compare) gives no feedback instead of b = 0. Every arm gets b on a probe prompt: its K scores are
+paid anyway, and K unselected observations remove the selection bias of chosen-arm-only feedback.
 """
 
 from __future__ import annotations
@@ -56,7 +80,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap
 
-FEEDBACK = ("probe", "median")
+FEEDBACK = ("probe", "improvement", "median")
 
 
 class NeuralTS:
@@ -220,3 +244,63 @@ def median_feedback(gain: torch.Tensor) -> torch.Tensor:
     beta * KL, from one extra no-grad forward of the updated policy). b = 1 where the gain is at
     least the batch median, else 0; a tied group (A = 0) gets gain ~ -beta dKL, hence b = 0."""
     return (gain >= gain.median()).float()
+
+
+class ArmBaseline:
+    """Per-arm running baseline of the improvement rule (E7): an EMA of the arm's Delta and of its
+    squared deviation, z = (Delta - mu_k) / sigma_k, b = 1[z > 0]. The first `warmup` Delta of an
+    arm seed mu_k and sigma_k and give no feedback (BayesianRouter waits for 5 as well)."""
+
+    def __init__(self, num_arms: int, alpha: float = 0.05, warmup: int = 5):
+        self.alpha, self.warmup = alpha, warmup
+        self.seen: list[list[float]] = [[] for _ in range(num_arms)]  # the warm-up values per arm
+        self.mu = torch.zeros(num_arms)
+        self.var = torch.zeros(num_arms)
+
+    def __call__(self, arms: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """arms [n], Delta [n] (NaN: no observation) -> (b [n], z [n]); NaN where no feedback.
+        The observations of one call are judged in order, each against the baseline before it."""
+        b, z = torch.full((len(arms),), float("nan")), torch.full((len(arms),), float("nan"))
+        for i, (k, d) in enumerate(zip(arms.tolist(), delta.tolist())):
+            if d != d:  # tied group: nothing to judge, nothing to learn
+                continue
+            if len(self.seen[k]) < self.warmup:
+                self.seen[k].append(d)
+                if len(self.seen[k]) == self.warmup:
+                    xs = torch.tensor(self.seen[k])
+                    self.mu[k], self.var[k] = xs.mean(), xs.var(unbiased=False)
+                continue
+            z[i] = ((d - self.mu[k]) / self.var[k].clamp_min(1e-12).sqrt()).clamp(-2.0, 2.0)
+            b[i] = float(z[i] > 0)
+            self.var[k] = (1 - self.alpha) * self.var[k] + self.alpha * (d - self.mu[k]) ** 2
+            self.mu[k] = (1 - self.alpha) * self.mu[k] + self.alpha * d
+        return b, z
+
+
+def improvement_delta(r_arms: torch.Tensor, arms: torch.Tensor, ratio_gain: torch.Tensor, kl_change: torch.Tensor,
+                      beta: float, valid: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """E7 improvement, the objective's change. r_arms [n, K, G]: every RM's standardised rewards
+    of a probe prompt's G samples; arms [n]: the drawn arm (the step used its reward);
+    ratio_gain [n, G]: mean_t(ratio after the step) - 1 per sample; kl_change [n, G]: the change
+    of mean_t KL_t; valid [n, G] bool: the well-formed samples (the others rank last, as in E5's
+    format guard). -> Delta [n], NaN where the consensus or the arm is tied over the group.
+
+    The referee's advantages come from the other K - 1 arms only (leave-one-out mean), so the
+    arm's own rewards never enter its grade; E5's group standardisation, then J's change is
+    linear in them: Delta = mean_i A^-k_i u_i - beta mean_i dKL_i."""
+    n, K, G = r_arms.shape
+    if K < 2:
+        raise ValueError("improvement feedback needs K >= 2 arms (a consensus of the others)")
+    own = r_arms.gather(1, arms.view(n, 1, 1).expand(n, 1, G)).squeeze(1)  # [n, G]
+    loo = (r_arms.sum(1) - own) / (K - 1)  # [n, G] the consensus of the other arms
+    v = torch.ones(n, G, dtype=torch.bool) if valid is None else valid.bool()
+    lo = loo.masked_fill(~v, float("inf")).amin(1, keepdim=True)  # format guard: malformed rank last
+    ref = torch.where(v, loo, lo - 1.0)
+    adv = (ref - ref.mean(1, keepdim=True)) / (ref.std(1, keepdim=True) + 1e-4)  # E5 [n, G]
+
+    def span(x):
+        return torch.where(v, x, -float("inf")).amax(1) - torch.where(v, x, float("inf")).amin(1)
+
+    delta = (adv * ratio_gain).mean(1) - beta * kl_change.mean(1)
+    tied = (span(loo) < eps) | (span(own) < eps)
+    return torch.where(tied, torch.full_like(delta, float("nan")), delta)

@@ -7,7 +7,7 @@ reference as policy, the same seeds (hence the same prompts and sampling stream)
 6 and 12 federations' own routers over the first K of the K = 12 setting's client RMs (the
 experts, then the narrow clients in pipeline.MANY's order, so the first 6 are K = 6's).
 
-For each K and each reward (mor: the router's soft mixture, every RM on every distinct row;
+For each K and each reward (mor_soft: the router's soft mixture, every RM on every distinct row;
 mor_hard: the router's argmax RM per prompt, one RM per row), it runs grpo.train_grpo for
 --warmup + --steps steps and reports the median step time after the warm-up and the median time
 of the reward call alone (the log's reward_seconds), plus RM rows scored per step.
@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
     for K, run in runs.items():
         r = make_router(run)()  # this K's federated router
         r.load_state_dict(safe_io.load_router_state(run.output("router"), r))
-        for method in ("mor", "mor_hard"):
-            fn = grpo.MixedReward(rms[:K], r) if method == "mor" else grpo.HardReward(rms[:K], r, cfg.group)
+        for method in ("mor_soft", "mor_hard"):
+            fn = grpo.MixedReward(rms[:K], r) if method == "mor_soft" else grpo.HardReward(rms[:K], r, cfg.group)
             policy, proc = models.load_vlm(big.dir / "base")
             ref, _ = models.load_vlm(big.dir / "base")
             stamps = []
@@ -81,10 +81,10 @@ def main(argv=None) -> dict:
             m = out["K"][K][method]
             print(f"K={K:2d} {method:8s}: {m['seconds_per_step']:.2f} s/step, reward {m['reward_seconds']:.2f} s, "
                   f"{m['rm_rows_per_step']:.0f} rows", flush=True)
-    for method in ("mor", "mor_hard"):
+    for method in ("mor_soft", "mor_hard"):
         k12, k3 = out["K"][12][method], out["K"][3][method]
         out[f"{method}_ratio_12_vs_3"] = k12["seconds_per_step"] / k3["seconds_per_step"]
-    print(f"K = 12 / K = 3 seconds per step: mor {out['mor_ratio_12_vs_3']:.2f}x (target <= 3), "
+    print(f"K = 12 / K = 3 seconds per step: mor_soft {out['mor_soft_ratio_12_vs_3']:.2f}x (target <= 3), "
           f"mor_hard {out['mor_hard_ratio_12_vs_3']:.2f}x (target <= 1.2)")
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))

@@ -75,12 +75,14 @@ SETTINGS = {
 # A weak fourth client, two ways (docs/benchmark.md). Both join the heterogeneous federation.
 #
 # bucket, the paper's bucket effect ("a bucket holds only as much as its shortest stave"): the
-# weak client is honest but weak, "a weak computer or a bad model". `weak` holds clean labels,
-# few of them (WEAK_QUESTIONS public-split questions over all three domains, each of which
-# already has an expert), and trains its RM with a fraction of the recipe (WEAK_RM_STEPS). Its RM
-# is right more often than chance and less often than each expert; Avg RM hands it 1/K of every
-# reward anyway, and MoR's router can learn from its clean pairs that the experts predict them
-# better than its own RM does.
+# weak client is honest but weak, "a weak computer or a bad model", and fails the way real weak
+# RMs fail: few pairs and a systematic shortcut. `weak` holds clean labels on WEAK_QUESTIONS
+# public-split questions, all of whose answers are one per domain (WEAK_ANSWERS), and trains its
+# RM with a fraction of the recipe (WEAK_RM_STEPS): it has only ever seen red, circle and left
+# preferred, so its RM leans that way inside every domain whatever the image shows, as the
+# narrow clients of many6 lean inside theirs. Avg RM hands that lean 1/K of every reward; MoR's
+# router can learn from the experts' pairs that the weak RM ranks them badly. Its premise (Avg RM
+# loses >= 3 points at 95%) is checked in the setting's own table (report.bucket_claim).
 #
 # noisy, a stress test beyond the paper: `noisy` labelled the public split's questions
 # carelessly, half of its preferences reversed (data.flip_pairs), so its RM carries no signal,
@@ -113,16 +115,18 @@ NARROW = {  # client -> (domain, the answers its questions have)
 MANY = {"many6": list(NARROW)[:3], "many12": list(NARROW)}  # setting -> its narrow clients (K6 is in K12)
 for _s, _names in MANY.items():
     SETTINGS[_s] = dict(SETTINGS["heterogeneous"], **{n: SETTINGS["heterogeneous"][NARROW[n][0]] for n in _names})
-MANY_METHODS = "mor,mor_nts,mor_hard,avg_rm,weighted_rm"  # what the many-client settings compare
+MANY_METHODS = "mor,mor_soft,mor_hard,avg_rm,weighted_rm"  # what the many-client settings compare
 # The federation as it grows, smallest K first: (setting, its results file). A many-client table
 # reads only the smaller K's (results-many12 reads K = 3 and 6), so no two evaluations read each other.
 MANY_K = [("heterogeneous", "results.json"), *((s, f"results-{s}.json") for s in MANY)]
 NARROW_MIN_STEPS = 30  # a narrow client's RM recipe, scaled to its data, never shorter than this
 WEAK_FLIP = 0.5  # noisy: share of its preferences reversed
 WEAK_QUESTIONS = 240  # weak: its clean questions (an expert holds 1,000-1,500 of its one domain)
+WEAK_ANSWERS = ("red", "circle", "left")  # weak: the answers of all its questions, its shortcut
 WEAK_RM_STEPS = (30, 40)  # weak: (SFT warm-up, BT) steps instead of the recipe's (300, 300)
 # setting -> (its weak client, how the tables describe it)
-WEAK_CLIENTS = {"bucket": ("weak", f"honest labels on {WEAK_QUESTIONS} questions, an RM trained "
+WEAK_CLIENTS = {"bucket": ("weak", f"honest labels on {WEAK_QUESTIONS} questions answered "
+                                   f"{'/'.join(WEAK_ANSWERS)} only, an RM trained "
                                    f"{WEAK_RM_STEPS[0]} + {WEAK_RM_STEPS[1]} steps"),
                 "noisy": ("noisy", f"{int(100 * WEAK_FLIP)}% of its preferences reversed")}
 
@@ -189,10 +193,12 @@ class Run:
                 # the noisy client's questions: the public split's (its labels get flipped below)
                 fed.clients["noisy"] = list(fed.public)
             if a.setting == "bucket":
-                # the weak client's: a seeded sample of the public split's images' questions with
-                # their true labels (the server's copy of that split was labelled carelessly)
+                # the weak client's: a seeded sample of the public split's questions whose answer
+                # is one of WEAK_ANSWERS, with their true labels (the server's copy of that split
+                # was labelled carelessly): few, clean, and all leaning one way per domain
                 clean = data.build_federation(a.seed, test_per_domain=1, confusions={}).public
-                fed.clients["weak"] = random.Random(f"weak-{a.seed}").sample(clean, WEAK_QUESTIONS)
+                lean = [e for e in clean if e.answer in WEAK_ANSWERS]
+                fed.clients["weak"] = random.Random(f"weak-{a.seed}").sample(lean, min(WEAK_QUESTIONS, len(lean)))
             if a.setting in MANY:
                 # the narrow clients' questions: the public split's, clean labels, by answer subset
                 clean = data.build_federation(a.seed, test_per_domain=1, confusions={}).public
@@ -270,8 +276,9 @@ class Run:
         if client in self.user_data:
             src = provenance.data_digest(self.user_data[client])
         else:
-            src = {"noisy": "embedded, half reversed", "weak": f"embedded, {WEAK_QUESTIONS} clean questions"
-                   }.get(client if client == weak_client(a.setting) else None, "embedded")
+            weak = f"embedded, {WEAK_QUESTIONS} clean questions answered {'/'.join(WEAK_ANSWERS)}"
+            src = {"noisy": "embedded, half reversed", "weak": weak}.get(
+                client if client == weak_client(a.setting) else None, "embedded")
             if client in NARROW and client in MANY.get(a.setting, ()):
                 src = f"embedded public split, clean labels, answers {'/'.join(NARROW[client][1])}"
         cfg = self.rm_config(client)
@@ -310,9 +317,11 @@ class Run:
             out["reward"] = "gold answers of the prompt pool"
         else:
             out["rms"] = self.rm_digests()
-        if method.startswith("mor"):
-            out["router"] = provenance.digest(self.router_inputs())
-        if method.startswith("mor_nts"):
+        if method in ROUTED or method == "central_router":  # the central one: the same flags, pooled
+            out["router"] = provenance.digest(self.router_inputs()) + ("-central" if method == "central_router" else "")
+        if method == "fedavg_rm":
+            out["fedavg_rm_rounds"] = a.fedavg_rm_rounds
+        if method == "mor":
             out["nts"] = {k: v for k, v in sorted(vars(a).items()) if k.startswith("nts_")}
         return out
 
@@ -321,10 +330,12 @@ class Run:
                                               for m in methods(self) for s in self.seeds(m)}}
 
     def seeds(self, method: str) -> list[int]:
-        """A method's GRPO seeds: every --seeds seed; a single client's RM alone (rm_*), a
-        baseline no claim rests on, the first --single-rm-seeds of them (default 3, 5 for the rest)."""
+        """A method's GRPO seeds: every --seeds seed; a single client's RM alone (rm_*) and the
+        reference rows (EXTRA_METHODS), on which no claim of the paper rests, the first
+        --single-rm-seeds of them (default 3, 5 for the rest)."""
         s = list(self.args.seeds)
-        return s[: self.args.single_rm_seeds] if method.startswith("rm_") else s
+        few = method.startswith("rm_") or method in EXTRA_METHODS or method == "fedavg_rm_oneshot"
+        return s[: self.args.single_rm_seeds] if few else s
 
     def test_signature(self) -> dict:
         """What the test split is made of and how it is judged: an evaluation cached under another
@@ -494,34 +505,56 @@ class Run:
         atomic_write_json(self.timings_path, self.timings)
 
 
-def methods(run: Run) -> list[str]:
-    """E8's methods in table order; --methods picks a subset.
+# Methods that read the federated router (their policies depend on the router stage), and the
+# reference rows beyond the default table: run by --full and on request (--methods), on the first
+# --single-rm-seeds seeds like the single-RM rows (no claim of the paper rests on them).
+ROUTED = ("mor", "mor_soft", "mor_hard")
+EXTRA_METHODS = ("min_rm", "uwo_rm", "random_hard", "central_router")
+RENAMED = {"mor_nts": "mor"}  # old name -> the paper's name: an old --methods gets a one-line error
 
-      oracle       exact match with the gold answer: the upper bound the server never has
-      mor          the federated router's soft mixture of the K client RMs (E3)
-      mor_nts      the router as a Neural Thompson Sampling bandit, one RM per prompt (E6-E7)
-      mor_hard     static hard routing: the router's argmax RM per prompt, no learning (what
-                   NTS must add to, at the same O(1) cost in K)
-      avg_rm       w_k = 1/K;   weighted_rm   w_k = n_k / sum n
-      rm_<client>  one client's RM alone (how far a single expert carries)
-      fedavg_rm    the parameter-averaged RM (homogeneous only: the baseline MoR replaces)"""
+
+def methods(run: Run) -> list[str]:
+    """E8's methods in table order; --methods picks a subset ('all': every row).
+
+      oracle         exact match with the gold answer: the upper bound the server never has
+      mor            the paper's MoR: the federated router as the prior of a Neural Thompson
+                     Sampling bandit, one RM per prompt, updated online during GRPO (E6-E7)
+      mor_soft       the frozen router's soft mixture of the K client RMs (E3)
+      mor_hard       the frozen router's argmax RM per prompt (the paper's frozen-router ablation)
+      avg_rm         w_k = 1/K;   weighted_rm   w_k = n_k / sum n
+      rm_<client>    one client's RM alone (how far a single expert carries)
+      fedavg_rm      multi-round parameter FedAvg of one RM over the clients (homogeneous only:
+                     the baseline MoR replaces); fedavg_rm_oneshot: the one-shot average of the
+                     K trained client RMs (on request)
+    Reference rows, --full and on request (EXTRA_METHODS):
+      min_rm         min_k of the standardised rewards (worst case over the ensemble)
+      uwo_rm         mean_k - UWO_PENALTY * var_k (uncertainty-weighted ensemble)
+      random_hard    one uniformly drawn RM per prompt (routing without a router)
+      central_router the same router trained centrally on every client's pooled pairs: its soft
+                     mixture, what federating the router costs"""
     names = list(run.fed.clients)
-    out = ["oracle", "mor", "mor_nts", "mor_hard", "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
+    out = ["oracle", *ROUTED, "avg_rm", "weighted_rm"] + [f"rm_{k}" for k in names]
     if run.args.setting == "homogeneous":
         out.append("fedavg_rm")
     if run.fed.pool_gold is None:  # no gold answers in the user's prompt pool: no oracle
         out.remove("oracle")
+    full = out + list(EXTRA_METHODS) + (["fedavg_rm_oneshot"] if run.args.setting == "homogeneous" else [])
     if run.args.setting in MANY and not run.args.methods:  # 12 single-RM rows would be 36 jobs of no use
         return [m for m in out if m in MANY_METHODS.split(",")]
+    if run.args.methods == "all":  # every row, the reference rows included (--full's main table)
+        return full
     if run.args.methods:
         want = run.args.methods.split(",")
-        if "oracle" in want and "oracle" not in out:
+        old = [m for m in want if m in RENAMED]
+        if old:
+            raise SystemExit(f"--methods {old[0]}: renamed to {RENAMED[old[0]]} (the paper's names)")
+        if "oracle" in want and "oracle" not in full:
             raise SystemExit("--methods oracle: the prompt pool has no gold answers (every --prompts row "
                              "needs an 'answer' for the oracle reward)")
-        bad = sorted(set(want) - set(out))
+        bad = sorted(set(want) - set(full))
         if bad:
-            raise SystemExit(f"--methods: unknown {bad} for the {run.args.setting} setting; choose from {out}")
-        out = [m for m in out if m in want]
+            raise SystemExit(f"--methods: unknown {bad} for the {run.args.setting} setting; choose from {full}")
+        out = [m for m in full if m in want]
     return out
 
 
@@ -547,8 +580,8 @@ def weight_sources(run: Run, router_state: dict | None = None) -> dict:
     out = {"avg_rm": router.avg_rm(len(names)), "weighted_rm": router.weighted_rm([counts[k] for k in names])}
     out.update({f"rm_{k}": router.single_rm(i, len(names)) for i, k in enumerate(names)})
     if router_state is not None:
-        out = {"mor": make_router(run)(), **out}
-        out["mor"].load_state_dict(router_state)
+        out = {"mor_soft": make_router(run)(), **out}  # the federated router's weights (E3)
+        out["mor_soft"].load_state_dict(router_state)
     return out
 
 

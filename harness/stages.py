@@ -32,11 +32,10 @@ import data
 import federated
 import grpo
 import models
-import nts
 import reward
 import router
 import safe_io
-from harness import provenance
+from harness import baselines, provenance
 from harness.pipeline import (BASE_FAMILY, MANY, PRETRAIN_IMAGES, SETTINGS, Run, grpo_config, make_router, methods,
                               policy_dir, set_seed, trained_methods, weak_client, weight_sources)
 from harness.report import (_chance, _mean_std, _moving_max, claims, gates, many_clients, many_clients_plot,
@@ -163,8 +162,9 @@ def stage_reward(run: Run, beside: list[str] = ()) -> dict:
     # FedAvg-RM is only defined between copies of one architecture and one initialisation: the
     # homogeneous setting. In the heterogeneous one, sharing parameters is impossible, which is
     # the paper's point: rewards are the common currency, weights are not.
-    if a.setting == "homogeneous":
-        uploads["fedavg_rm"] = fedavg_rm(run, clients)
+    if a.setting == "homogeneous":  # multi-round parameter FedAvg, and the one-shot average
+        for m in baselines.FEDAVG_RM:
+            uploads[m] = baselines.fedavg_rm(run, clients, m)
     # Client j scores every uploaded RM on its own held-out pairs and reports one number per RM:
     # the matrix needs no data to leave a client. One RM in memory at a time (real checkpoints).
     matrix = {}
@@ -236,26 +236,6 @@ def _reward_worker(job) -> tuple[str, dict]:
     if name is None:
         return server_job(run, server_stages)
     return reward_job(run, run.clients()[name]), {}
-
-
-def fedavg_rm(run: Run, clients: dict[str, federated.Client]) -> Path:
-    """E8's parameter-sharing baseline: FedAvg of the client RMs, weights n_k. Its reward stats
-    are pooled from the moments each client computes locally (count, sum, sum of squares)."""
-    out = run.dir / "clients" / "fedavg_rm"
-    inputs = {"stage": "fedavg_rm", "rms": run.rm_digests()}
-    if not run.args.force and run.fresh(out, inputs, "reward fedavg_rm"):
-        return out
-    rms = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in clients]
-    # theta_FedAvg = sum_k n_k / sum_j n_j * theta_k over backbone and head alike (E4 applied to RMs)
-    rm = federated.fedavg_reward_model(rms, [c.n for c in clients.values()])
-    n, s, ss = map(sum, zip(*(c.reward_moments(rm) for c in clients.values())))
-    rm.mean = s / n
-    rm.std = max(((ss - n * rm.mean ** 2) / max(n - 1, 1)) ** 0.5, 1e-6)
-    rm.info = {"client": "fedavg_rm", "family": rm.vlm.config.model_type, "n_pairs": int(sum(c.n for c in clients.values()))}
-    with atomic_dir(out) as tmp:
-        provenance.record_dir(tmp, inputs)
-        rm.save(tmp)
-    return out
 
 
 def routing_setup(run: Run, on_client=None) -> tuple[dict, torch.nn.Module, float]:
@@ -387,6 +367,8 @@ def stage_grpo(run: Run) -> None:
             if a.force or not run.fresh(policy_dir(run, m, s), run.policy_inputs(m, s), f"grpo {m} s{s}")]
     for m, s in sorted(set(jobs) - set(todo), key=jobs.index):
         tqdm.write(f"grpo {m} seed {s}: {policy_dir(run, m, s)} is fresh, kept")
+    if any(m == "central_router" for m, _ in todo):  # its router first, once, in this process
+        baselines.central_router(run, routing_setup)
     if a.workers > 1 and len(todo) > 1:
         # the costliest jobs first (they score with the most RMs), so the pool does not end on
         # one long job with the other worker idle
@@ -406,7 +388,8 @@ _WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded
 # Relative cost of a GRPO job (training + test eval, 1 thread, measured on the default run with
 # 100 steps): Avg/Weighted RM and MoR score with every RM (77-89 s), NTS adds a bandit update
 # and a policy forward per step (82-87 s), single RMs take 67-73 s and the oracle about 62 s.
-JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor": 1.2, "mor_nts": 1.2}
+JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor_soft": 1.2, "mor": 1.2, "central_router": 1.2, "min_rm": 1.3,
+            "uwo_rm": 1.3}
 
 
 def _grpo_worker(job) -> tuple[str, None]:
@@ -427,28 +410,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     # without answers (pipeline.methods has left the oracle out; the logs carry no accuracy).
     gold = fed.gold()
     out = policy_dir(run, method, seed)
-    if method == "oracle":
-        fn = grpo.OracleReward(gold)
-    elif method == "fedavg_rm":
-        fn = grpo.SingleReward(reward.RewardModel.load(run.dir / "clients" / "fedavg_rm", device=run.device))
-    else:
-        if "rms" not in cache:  # the K client uploads, loaded once for every RM method
-            cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
-            for rm in cache["rms"]:  # frozen here: each image's features once per worker (grpo.rm_score)
-                rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
-            cache["router"] = safe_io.load_router_state(run.output("router"), make_router(run)())
-        rms, router_state = cache["rms"], cache["router"]
-        src = weight_sources(run, router_state)
-        # the prompt's domain, for the routing logs only (the evaluator's view; the bandit never reads it)
-        domains = {e.prompt: e.domain for e in fed.pool}
-        if method == "mor_hard":
-            fn = grpo.HardReward(rms, src["mor"], a.group, domains=domains)
-        elif method == "mor_nts":
-            ts = nts.NeuralTS(src["mor"], lam=a.nts_lambda, nu=a.nts_nu, update_steps=a.nts_update_steps, seed=seed)
-            fn = grpo.NTSReward(rms, ts, a.group, feedback=a.nts_feedback, probe=a.nts_probe,
-                                format_guard=a.format_guard, domains=domains, seed=seed)
-        else:
-            fn = grpo.MixedReward(rms, src[method])
+    fn = baselines.reward_source(run, method, seed, gold, cache)
     # Every method starts from the same reference weights; only the reward differs. The seed
     # drives the prompt order and the sampling, so seeds measure RL noise.
     set_seed(seed)
@@ -547,14 +509,14 @@ def stage_eval(run: Run) -> None:
     if run.output("grpo").exists():
         results["methods"] = evaluate_methods(run, ref["correct"])
     results["gates"] = {} if own else gates(results)
-    if results.get("methods"):
-        results["paired"] = paired_comparisons(results)
-        results["claims"] = claims(results)
     main_table = run.dir / "results.json"
     if weak_client(run.args.setting) and main_table.exists() and "methods" in results:
         # the bucket effect: the same methods and seeds without the weak client (the main table)
         without = json.loads(main_table.read_text()).get("methods", {})
         results["without_weak_client"], results["weak_client_effect"] = weak_client_effect(results, without)
+    if results.get("methods"):  # the claims read the paired table and, here, the weak-client effect
+        results["paired"] = paired_comparisons(results)
+        results["claims"] = claims(results)
     if run.args.setting in MANY and "methods" in results:
         # the federation as it grows: this K beside the smaller K's tables in the run directory
         results["many_clients"] = many_clients(run.dir, run.args.setting, results)

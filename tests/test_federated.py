@@ -324,3 +324,59 @@ def test_warm_start_keeps_reorders_drops_and_joins_rows():
     b0, b1 = new.state_dict()["net.2.bias"], st["net.2.bias"]
     assert torch.equal(W0[[0, 2]], W1[[0, 2]]) and not torch.equal(W0[1], W1[1])
     assert torch.equal(b0[[0, 2]], b1[[0, 2]]) and b0[1] != b1[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# FedAvg-RM as McMahan's multi-round FedAvg, and the pooled client of the central router
+# ----------------------------------------------------------------------------------------------
+
+from federated import fedavg_rm_rounds, pooled_client  # noqa: E402
+
+
+def test_fedavg_rm_rounds_start_every_client_from_the_global_model_and_average_by_n_k(monkeypatch):
+    """Each round every client receives the current global RM, takes its share of its recipe's
+    steps, and the server averages by n_k; over the rounds each client takes exactly
+    sft_steps + steps local steps (its own RM's recipe)."""
+    clients = [Client(f"c{i}", [data.Pair(f"c{i}_{j}.png", "q", "a", "b", "d") for j in range(n)], seed=0, heldout=0.2)
+               for i, n in enumerate((10, 30))]
+    got = []
+
+    def local(self, rm, phase, steps, cfg, seed):  # a non-additive update: theta <- theta / 2 + k + 1
+        got.append((self.name, phase, steps, rm.weight.detach().clone()))
+        with torch.no_grad():
+            rm.weight.mul_(0.5).add_(int(self.name[1]) + 1.0)
+        return 0.0
+
+    monkeypatch.setattr(Client, "local_rm_steps", local)
+    rm = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(rm.weight, 4.0)
+    log = fedavg_rm_rounds(rm, clients, reward.RMConfig(sft_steps=5, steps=3), rounds=2, seed=0)
+    assert [(x["phase"], x["steps"]) for x in log] == [("sft", 3), ("sft", 2), ("bt", 2), ("bt", 1)]
+    for c in clients:
+        assert sum(s for name, _, s, _ in got if name == c.name) == 5 + 3
+    w = [c.n / sum(x.n for x in clients) for c in clients]
+    theta = 4.0
+    for r in range(4):  # both clients receive the same global theta, then the n_k-mean
+        assert [g[3].item() for g in got[2 * r: 2 * r + 2]] == pytest.approx([theta, theta])
+        theta = w[0] * (theta / 2 + 1) + w[1] * (theta / 2 + 2)
+    assert rm.weight.item() == pytest.approx(theta)
+
+
+def test_local_rm_steps_train_a_real_rm_in_place(fed, tiny_dirs):
+    c = Client("shape", _pairs(fed, "shape", n=24), seed=0, heldout=0.2)
+    vlm, proc = models.load_vlm(tiny_dirs["qwen2_vl"])
+    rm = reward.RewardModel(vlm, proc)
+    before = {k: v.clone() for k, v in rm.state_dict().items()}
+    cfg = reward.RMConfig(sft_steps=1, sft_batch=4, steps=1, batch=4)
+    for phase in ("sft", "bt"):
+        assert math.isfinite(c.local_rm_steps(rm, phase, 1, cfg, 0))
+    assert any(not torch.equal(v, before[k]) for k, v in rm.state_dict().items())
+
+
+def test_pooled_client_holds_every_clients_routing_pairs():
+    a, b = _domain_client("a", [0], 2, n=40), _domain_client("b", [1], 2, n=60, seed=1)
+    p = pooled_client([a, b])
+    for part in ("train", "heldout"):
+        for i in range(4):
+            assert torch.equal(p._routing[part][i], torch.cat([a._routing[part][i], b._routing[part][i]]))
+    assert p.n == a.n + b.n and p.name == "central"

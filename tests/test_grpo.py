@@ -134,8 +134,9 @@ def test_grpo_steps_raise_the_reward(policy, fed):
 
 
 def test_train_grpo_computes_the_objective_gain_only_for_a_reward_that_needs_it(policy, fed):
-    """E7 wiring: the median rule gets each prompt's gain [N] (one extra forward), the probe
-    rule gets None after the policy step."""
+    """E7 wiring: the median and improvement rules get the step's change (each prompt's gain
+    [N], each sample's ratio and KL change [N, G]; one extra forward), the probe rule gets None
+    after the policy step."""
     vlm, enc = policy
 
     class Spy:
@@ -153,7 +154,13 @@ def test_train_grpo_computes_the_objective_gain_only_for_a_reward_that_needs_it(
         spy = Spy(needs)
         grpo.train_grpo(copy.deepcopy(vlm), copy.deepcopy(vlm), enc, fed.pool[:6], spy, cfg, seed=0)
         assert len(spy.got) == 1
-        assert (spy.got[0].shape == (3,)) if needs else spy.got[0] is None
+        if needs:
+            ch = spy.got[0]
+            assert ch["gain"].shape == (3,) and ch["ratio_gain"].shape == ch["kl_change"].shape == (3, 2)
+            assert ch["beta"] == cfg.beta and torch.isfinite(ch["ratio_gain"]).all()
+            # J is linear in A: the gain with the step's own advantages is A u - beta dKL
+        else:
+            assert spy.got[0] is None
 
 
 def test_repeated_samples_are_scored_once():
@@ -276,13 +283,64 @@ def test_nts_median_rule_updates_the_drawn_arms_with_the_gain():
     arms = src(e.view(6, 4, -1).mean(1)).argmax(-1)
     fn(images, prompts, responses, e)
     assert fn.needs_gain and sum(fn.calls) == 6 * 3  # no probes: one RM per prompt
-    fn.feedback(torch.tensor([0.3, -0.1, 0.0, 0.5, 0.1, 0.2]))
+    fn.feedback({"gain": torch.tensor([0.3, -0.1, 0.0, 0.5, 0.1, 0.2])})
     assert [x["b"] for x in fn.log] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # median of 6: the lower middle, 0.1
     assert torch.equal(ts.replay[2], arms)
     with pytest.raises(ValueError, match="per-batch"):
         grpo.NTSReward(rms, ts, 4, per_batch=True)
     with pytest.raises(ValueError, match="feedback"):
         grpo.NTSReward(rms, ts, 4, feedback="gain")
+
+
+def test_nts_improvement_rule_steps_on_the_drawn_arm_and_grades_it_by_the_others():
+    """improvement: probe prompts are scored by every RM but rewarded with the drawn arm's own
+    reward (the step is the arm's); feedback reads the step's change; the first `warmup` Delta of
+    an arm only seed its baseline."""
+    src, e, images, prompts, responses = _routing_setup()
+    rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()}), CountingRM(TABLE)]
+    src = router.Router(4, 3, hidden=8)
+    ts = nts.NeuralTS(src, nu=0.0)
+    fn = grpo.NTSReward(rms, ts, 4, feedback="improvement", probe=1.0)
+    fn.baseline.warmup = 1
+    arms = src(e.view(6, 4, -1).mean(1)).argmax(-1)
+    r = fn(images, prompts, responses, e)
+    own = torch.tensor([[1.0, 0.0, 0.5, 1.0], [-1.0, 0.0, -0.5, -1.0], [1.0, 0.0, 0.5, 1.0]])[arms].reshape(-1)
+    assert fn.needs_gain and torch.equal(r, own) and all(len(rm.calls) == 1 for rm in rms)
+    u = torch.ones(6, 4)
+    u[:, 0] = 2.0  # the step raised sample 0 ("red") most
+    fn.feedback({"ratio_gain": u, "kl_change": torch.zeros(6, 4), "beta": 0.0, "gain": torch.zeros(6)})
+    # the others' consensus: for arm 1 (the reverser) the two table RMs, which like red, so the
+    # step that raised red scores Delta > 0; for arm 0 or 2 the reverser and a table RM cancel:
+    # a tied consensus, no Delta, no feedback
+    assert 1 in arms.tolist() and len(set(arms.tolist())) > 1  # both cases occur
+    table = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    adv = (table - table.mean()) / (table.std() + 1e-4)
+    for x in fn.log:
+        if x["arm"] == 1:
+            assert x["delta"] == pytest.approx((adv * u[0]).mean().item(), abs=1e-5) and x["delta"] > 0
+        else:
+            assert x["delta"] is None and x["b"] is None
+    with pytest.raises(ValueError, match="feedback"):
+        grpo.NTSReward(rms, ts, 4, feedback="probes")
+
+
+def test_reference_rows_min_uwo_and_random_hard():
+    src, e, images, prompts, responses = _routing_setup()
+    rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()})]
+    r0 = torch.tensor([TABLE[data.extract_answer(o)] for o in responses])
+    assert torch.equal(grpo.EnsembleReward(rms, "min_rm")(images, prompts, responses, e), -r0.abs())
+    uwo = grpo.EnsembleReward(rms, "uwo_rm", penalty=1.0)(images, prompts, responses, e)
+    assert torch.allclose(uwo, -r0 ** 2)  # mean 0, population variance r0^2
+    with pytest.raises(ValueError, match="rule"):
+        grpo.EnsembleReward(rms, "max_rm")
+    picks = []
+    for _ in range(2):
+        fn = grpo.RandomHardReward(rms, 4, seed=5)
+        for _ in range(5):
+            fn(images, prompts, responses, e)
+        picks.append([x["arm"] for x in fn.log])
+    assert picks[0] == picks[1] and set(picks[0]) == {0, 1}  # seeded, and both arms drawn
+    assert sum(fn.calls) == 5 * 6 * 3  # one RM per prompt (3 distinct answers of the 4 samples)
 
 
 def test_own_share_over_the_first_and_last_steps():

@@ -77,7 +77,7 @@ def test_atomic_dir_keeps_the_old_state_on_failure(tmp_path):
 
 # The smallest end-to-end run: every stage, four methods, one seed (~90 s on 2 cores).
 TINY_RUN = ["--quick", "--sft-steps", "6", "--test-per-domain", "16", "--rm-sft-steps", "2", "--rm-steps", "3",
-            "--router-pairs", "32", "--rounds", "2", "--methods", "oracle,mor,mor_nts,rm_color", "--grpo-steps", "2",
+            "--router-pairs", "32", "--rounds", "2", "--methods", "oracle,mor,mor_soft,rm_color", "--grpo-steps", "2",
             "--group", "4", "--grpo-prompts", "6"]
 
 
@@ -118,7 +118,7 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
     assert set(m) == set(data.DOMAINS) and all(set(row) == set(data.DOMAINS) for row in m.values())
     assert {"1_blind_at_chance", "2a_reference_above_blind", "3_client_rm_in_domain"} <= set(res["gates"])
     assert all(set(g) == {"pass", "value", "threshold"} for g in res["gates"].values())
-    assert set(res["methods"]) == {"oracle", "mor", "mor_nts", "rm_color"} and res["seeds"] == [0]
+    assert set(res["methods"]) == {"oracle", "mor", "mor_soft", "rm_color"} and res["seeds"] == [0]
     for m in res["methods"].values():
         assert set(m["accuracy"]) == set(data.DOMAINS) and set(m["win_rate"]) == set(data.DOMAINS)
         # one seed: each accuracy is a count of right answers out of the 16 questions of a domain
@@ -129,7 +129,7 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
     assert 0 < log["rm_calls"][0] <= 2 * 6 * 4 and log["rm_calls"][1:] == [0, 0]
     # hard routing (NTS): each sample is scored by its prompt's RM, and a probed prompt's by all
     # K RMs: at most (1 + (K - 1) * probes) * G rows per prompt -- O(1) in K off the probes
-    pol = run / "policies" / "heterogeneous" / "mor_nts" / "seed0"
+    pol = run / "policies" / "heterogeneous" / "mor" / "seed0"
     nts_log = json.loads((pol / "grpo_log.json").read_text())
     routing = [json.loads(x) for x in (pol / "routing_log.jsonl").read_text().splitlines()]
     assert len(routing) == 2 * 6 and {x["domain"] for x in routing} <= set(data.DOMAINS)
@@ -147,11 +147,11 @@ def test_quick_pipeline_runs_and_resumes(tiny_run, capsys):
         assert all(abs(16 * v - round(16 * v)) < 1e-9 for v in res[key].values())
     assert "reference (SFT)" in (run / "results.md").read_text()
     # each GRPO job evaluated its own policy (in its worker); eval took those figures as they were
-    pol = run / "policies" / "heterogeneous" / "mor" / "seed0"
+    pol = run / "policies" / "heterogeneous" / "mor_soft" / "seed0"
     te = json.loads((pol / "test_eval.json").read_text())
     assert json.loads((pol / "eval.json").read_text())["accuracy"] == te["accuracy"] == {
         d: sum(v) / len(v) for d, v in te["correct"].items()}
-    assert res["methods"]["mor"]["accuracy"]["color"]["mean"] == te["accuracy"]["color"]
+    assert res["methods"]["mor_soft"]["accuracy"]["color"]["mean"] == te["accuracy"]["color"]
     # two workers: the server's base -> sft was one job of the reward stage's pool, timed inside it
     w = json.loads((run / "wall_seconds.json").read_text())  # the run's own record of stage times
     assert w["beside_reward"] == pytest.approx(w["base"] + w["sft"], abs=0.02)
@@ -182,7 +182,7 @@ def test_eval_alone_reports_the_trained_methods_and_names_a_missing_policy(tiny_
     args = TINY_RUN[:i] + TINY_RUN[i + 2:] + ["--run-dir", str(run), "--stages", "eval", "--force"]
     assert mor.main(args) == 0
     again = json.loads((run / "results.json").read_text())
-    assert set(again["methods"]) == set(res["methods"]) == {"oracle", "mor", "mor_nts", "rm_color"}
+    assert set(again["methods"]) == set(res["methods"]) == {"oracle", "mor", "mor_soft", "rm_color"}
     assert again["methods"]["mor"] == res["methods"]["mor"]
     with pytest.raises(SystemExit, match=r"avg_rm[/\\]seed0 holds no GRPO policy"):
         mor.main(args + ["--methods", "oracle,avg_rm"])
@@ -430,7 +430,7 @@ def test_many_clients_setting_joins_the_k3_run(tiny_run, tmp_path):
     shutil.copytree(tiny_run[0], run)
     head = run / "clients" / "color" / "reward-llava_onevision" / "head.safetensors"
     stamp = head.stat().st_mtime_ns
-    assert mor.main(TINY_RUN + ["--methods", "mor,mor_nts,mor_hard", "--setting", "many6", "--run-dir", str(run)]) == 0
+    assert mor.main(TINY_RUN + ["--methods", "mor,mor_soft,mor_hard", "--setting", "many6", "--run-dir", str(run)]) == 0
     assert head.stat().st_mtime_ns == stamp  # trained once for every K
     for name in pipeline.MANY["many6"]:
         fam = pipeline.SETTINGS["many6"][name]
@@ -442,8 +442,8 @@ def test_many_clients_setting_joins_the_k3_run(tiny_run, tmp_path):
     assert json.loads((run / "router-many6.json").read_text())["rms"] == names
     t = r["many_clients"]
     assert t["seeds"] == [0] and [(x["setting"], x["K"]) for x in t["K"]] == [("heterogeneous", 3), ("many6", 6)]
-    assert set(t["K"][0]["methods"]) == {"mor", "mor_nts"}
-    assert set(t["K"][1]["methods"]) == {"mor", "mor_nts", "mor_hard"}
+    assert set(t["K"][0]["methods"]) == {"mor", "mor_soft"}
+    assert set(t["K"][1]["methods"]) == {"mor", "mor_soft", "mor_hard"}
     hard = r["methods"]["mor_hard"]
     assert hard["rm_rows_per_step"]["mean"] <= 6 * 4 and hard["peak_rss_mb"] > 0 and hard["rm_params_mb"] > 0
     md = (run / "results-many6.md").read_text()

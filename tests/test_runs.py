@@ -20,6 +20,8 @@ from harness.pipeline import Run
     (["--client-fraction", "0"], "--client-fraction"), (["--stages", "sft,sft"], "named twice"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--prompts", "/nonexistent.jsonl"], "--prompts"),
     (["--client-model", "color=/nonexistent"], "--client-model"), (["--setting", "own"], "--setting own"),
+    (["--methods", "oracle,mor_nts"], "--methods mor_nts: renamed to mor"),
+    (["--fedavg-rm-rounds", "0"], "--fedavg-rm-rounds 0"),
 ])
 def test_nonsense_flag_values_are_one_line_errors_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -36,6 +38,31 @@ def test_stages_run_in_the_pipelines_order_and_seeds_parse():
 
 def _run(tmp_path, *extra) -> Run:
     return Run(mor.parse_args(["--quick", "--run-dir", str(tmp_path), *extra]))
+
+
+def test_the_paper_names_the_default_rows_and_the_reference_rows_run_on_request(tmp_path):
+    """mor is the paper's MoR (NTS around the federated router), mor_soft and mor_hard the
+    frozen router; the reference rows run only when named (or 'all', --full's main table), on
+    the --single-rm-seeds seeds; the bucket setting's weak client leans one way per domain."""
+    from harness import pipeline
+
+    run = _run(tmp_path, "--seeds", "0,1,2,3")
+    ms = pipeline.methods(run)
+    assert ms[:6] == ["oracle", "mor", "mor_soft", "mor_hard", "avg_rm", "weighted_rm"]
+    assert not set(ms) & set(pipeline.EXTRA_METHODS)
+    assert "nts" in run.policy_inputs("mor", 0) and "nts" not in run.policy_inputs("mor_soft", 0)
+    every = pipeline.methods(_run(tmp_path, "--methods", "all"))
+    assert set(pipeline.EXTRA_METHODS) <= set(every) and "fedavg_rm" not in every
+    asked = _run(tmp_path, "--seeds", "0,1,2,3", "--methods", "mor,central_router,random_hard")
+    assert pipeline.methods(asked) == ["mor", "random_hard", "central_router"]
+    assert asked.seeds("central_router") == [0, 1, 2] and asked.seeds("mor") == [0, 1, 2, 3]
+    assert run.policy_inputs("central_router", 0)["router"] != run.policy_inputs("mor_soft", 0)["router"]
+    homo = pipeline.methods(_run(tmp_path, "--setting", "homogeneous", "--methods", "all"))
+    assert {"fedavg_rm", "fedavg_rm_oneshot"} <= set(homo)
+    with pytest.raises(SystemExit, match="unknown"):
+        pipeline.methods(_run(tmp_path, "--methods", "fedavg_rm"))  # heterogeneous: no FedAvg-RM
+    weak = _run(tmp_path, "--setting", "bucket").fed.clients["weak"]
+    assert len(weak) == pipeline.WEAK_QUESTIONS and {e.answer for e in weak} == set(pipeline.WEAK_ANSWERS)
 
 
 def test_every_input_reaches_the_outputs_that_depend_on_it(tmp_path):
