@@ -33,6 +33,19 @@ def _pct(d: dict) -> str:
     return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
 
 
+# Student t, two-sided 95%, by degrees of freedom 1..9 (paired intervals over 2-10 seeds)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Paired difference a - b over seeds (same seed, same data): mean and the 95% t-interval
+    mean ± t_{n-1} sd / sqrt(n); `holds` when the interval excludes 0 on a's side."""
+    d = [x - y for x, y in zip(a, b)]
+    m = _ms(d)
+    half = T95[len(d) - 2] * m["std"] / len(d) ** 0.5 if 2 <= len(d) <= 10 else float("nan")
+    return {"mean": m["mean"], "lo": m["mean"] - half, "hi": m["mean"] + half, "values": d}
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation: posterior, accuracy, purity, collapse
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +269,8 @@ def rounds_markdown(ev: dict, title: str) -> list[str]:
     """The per-round figures of one run: prior, hard-sample usage, H(q), KL (the collapse trace)."""
     lines = [f"\n{title}\n", "| round | prior pi | usage of hard samples | H(q) | KL(q‖pi) | train acc |", "|---|---|---|---|---|---|"]
     for e in ev["rounds"]:
-        lines.append(f"| {e['round']} | {' '.join(f'{x:.2f}' for x in e['prior'])} | "
-                     f"{' '.join(f'{x:.2f}' for x in e['usage'])} | {e['H_q']:.3f} | {e['kl']:.3f} | {e['acc']:.3f} |")
+        lines.append(f"| {e['round']} | {' '.join(f'{x:.2f}' for x in e.get('prior', []))} | "
+                     f"{' '.join(f'{x:.2f}' for x in e.get('usage', []))} | {e['H_q']:.3f} | {e['kl']:.3f} | {e['acc']:.3f} |")
     return lines
 
 
