@@ -265,6 +265,28 @@ def sampled_styles(vlm, encoder: models.Encoder, examples: list[data.Example], m
     return {**{s: c[s] / len(out) for s in STYLES}, "n": len(out)}
 
 
+def _ci(p: dict) -> str:
+    return f"{100 * p['mean']:+.1f} [{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]"
+
+
+def latent_rows_markdown(res: dict) -> list[str]:
+    """The latent rows' structure figures (experiments/fedvpa_table.py's grid): prototypes used,
+    H(q) of the last round, the final prior of the first two seeds, prototype cosines, -ELBO, KL."""
+    lines = ["\n| latent row | prototypes used per seed | H(q) nats | final prior | max abs cos | "
+              "-ELBO/pair (held-out) | KL(q‖N(0,I)) |", "|---|---|---|---|---|---|---|"]
+    for m, e in res.items():
+        if "group_purity" not in e:
+            continue
+        ps = e["per_seed"]
+        used = " ".join(str(x["used"]) for x in ps) if ps[0].get("used") is not None else "-"
+        hq = f"{_ms([x['rounds'][-1]['H_q'] for x in ps])['mean']:.2f}"
+        prior = " / ".join(" ".join(f"{v:.2f}" for v in x["prior"]) for x in ps[:2]) + " ..." if ps[0].get("prior") else "-"
+        lines.append(f"| {m} | {used} | {hq} | {prior} | {e['max_cos']['mean']:.2f} | "
+                     + (f"{e['neg_elbo_heldout']['mean']:.3f}" if "neg_elbo_heldout" in e else "-") + " | "
+                     + (f"{e['kl_normal']['mean']:.2f}" if "kl_normal" in e else "-") + " |")
+    return lines
+
+
 def rounds_markdown(ev: dict, title: str) -> list[str]:
     """The per-round figures of one run: prior, hard-sample usage, H(q), KL (the collapse trace)."""
     lines = [f"\n{title}\n", "| round | prior pi | usage of hard samples | H(q) | KL(q‖pi) | train acc |", "|---|---|---|---|---|---|"]

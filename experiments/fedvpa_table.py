@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import random
 import re
 import sys
@@ -56,7 +57,8 @@ import models
 import reward
 import router as routing
 from experiments.fedvpa_eval import (StyleGuard, StyleJudge, _ms, _pct, answer_style,  # noqa: F401 (re-exported)
-                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo, paired,
+                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo, paired, _ci,
+                                     latent_rows_markdown,
                                      rm_diagnostics, rounds_markdown, sampled_styles, style_logprobs)
 from experiments.fedvpl import VPL, evaluate_vpl, latent_plot, latent_points
 from fedvpa import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
@@ -422,31 +424,49 @@ GRID = {  # name -> (model, VPAConfig overrides): the paper's four rows, then th
 PLOTTED = {VPL_: "fedvpl", FULL: "fedvpa-gp", BURNIN: "fedvpa-gp-burn-in"}  # row -> its latent plots' name
 
 
+_CLIENTS: list[ClientFeatures] = []  # the federation a forked worker of run_experiment reads
+
+
+def _run(job: tuple) -> dict:
+    """One (row, seed) of the grid: train, evaluate, keep the per-round log, draw the latent."""
+    name, kind, c, s, desc, plot_dir = job
+    clients, t0 = _CLIENTS, time.time()
+    torch.set_num_threads(1)
+    model, prior, log = train_federated(kind, clients, c, s, desc=f"{desc} {name[:24]} s{s}")
+    ev = evaluate_vpl(model, clients, s) if kind is VPL else evaluate(model, clients, prior, s)
+    ev.update(seed=s, seconds=round(time.time() - t0, 2), final_loss=log[-1]["loss"])
+    if kind != "mono":
+        ev["rounds"] = log
+    if kind == "vpa":
+        ev["neg_elbo_heldout"] = neg_elbo(model, clients, prior, s, held=True)
+    if plot_dir is not None and name in PLOTTED:
+        pts = {cl.name: latent_points(model, cl, s * 31 + k).tolist() for k, cl in enumerate(clients)}
+        latent_plot(plot_dir / f"{PLOTTED[name]}-seed{s}.png", log, pts, {cl.name: cl.group for cl in clients},
+                    f"{name}, seed {s}: group purity {ev['group_purity']:.2f} "
+                    f"({'collapsed' if ev['collapsed'] else 'separated'}), mean held-out accuracy "
+                    f"{100 * sum(ev['accuracy'].values()) / len(clients):.1f}")
+    return ev
+
+
 def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[int], desc: str = "",
-                   plot_dir: Path | None = None) -> dict:
+                   plot_dir: Path | None = None, workers: int = 1) -> dict:
     """The monolithic BT and every row of GRID, each over `seeds`; mean +/- std per figure,
     collapses counted, every seed's evaluation and per-round log kept, the paired difference of
-    FULL's mean accuracy against every other row; the latent plot of PLOTTED's runs in plot_dir."""
-    res = {}
+    FULL's mean accuracy against every other row; the latent plot of PLOTTED's runs in plot_dir.
+    `workers` > 1 runs the (row, seed) jobs in forked processes, one thread each: the same
+    numbers as one process (every run seeds its own generators)."""
+    global _CLIENTS
+    _CLIENTS = clients
     runs = [(MONO, "mono", cfg)] + [(n, k, VPAConfig(**{**asdict(cfg), **o})) for n, (k, o) in GRID.items()]
-    for name, kind, c in runs:
-        per_seed = []
-        for s in seeds:
-            t0 = time.time()
-            model, prior, log = train_federated(kind, clients, c, s, desc=f"{desc} {name[:24]} s{s}")
-            ev = evaluate_vpl(model, clients, s) if kind is VPL else evaluate(model, clients, prior, s)
-            ev.update(seed=s, seconds=round(time.time() - t0, 2), final_loss=log[-1]["loss"])
-            if kind != "mono":
-                ev["rounds"] = log
-            if kind == "vpa":
-                ev["neg_elbo_heldout"] = neg_elbo(model, clients, prior, s, held=True)
-            if plot_dir is not None and name in PLOTTED:
-                pts = {cl.name: latent_points(model, cl, s * 31 + k).tolist() for k, cl in enumerate(clients)}
-                state = "collapsed" if ev["collapsed"] else "separated"
-                latent_plot(plot_dir / f"{PLOTTED[name]}-seed{s}.png", log, pts, {cl.name: cl.group for cl in clients},
-                            f"{name}, seed {s}: group purity {ev['group_purity']:.2f} ({state}), "
-                            f"mean held-out accuracy {100 * sum(ev['accuracy'].values()) / len(clients):.1f}")
-            per_seed.append(ev)
+    jobs = [(name, kind, c, s, desc, plot_dir) for name, kind, c in runs for s in seeds]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            evs = pool.map(_run, jobs, chunksize=1)
+    else:
+        evs = [_run(j) for j in jobs]
+    res = {}
+    for i, (name, kind, c) in enumerate(runs):
+        per_seed = evs[i * len(seeds):(i + 1) * len(seeds)]
         entry = {"accuracy": {c_.name: _ms([e["accuracy"][c_.name] for e in per_seed]) for c_ in clients},
                  "mean_accuracy": _ms([sum(e["accuracy"].values()) / len(e["accuracy"]) for e in per_seed]),
                  "min_accuracy": _ms([min(e["accuracy"].values()) for e in per_seed]),
@@ -456,19 +476,14 @@ def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[in
                 entry[k] = _ms([float(e[k]) for e in per_seed])
         if per_seed[0].get("collapsed") is not None:
             entry["collapsed_seeds"] = [e["seed"] for e in per_seed if e["collapsed"]]
-        entry["per_seed"] = per_seed
-        res[name] = entry
+        res[name] = {**entry, "per_seed": per_seed}
         tqdm.write(f"{desc} {name}: mean acc {entry['mean_accuracy']['mean']:.3f}"
                    + (f", group purity {entry['group_purity']['mean']:.2f}, collapsed {entry.get('collapsed_seeds')}"
                       if "group_purity" in entry else ""))
-    for name, e in res.items():
+    for e in res.values():
         for ref in (FULL, BURNIN):
             e[f"vs {ref}"] = paired(res[ref]["mean_accuracy"]["values"], e["mean_accuracy"]["values"])
     return res
-
-
-def _ci(p: dict) -> str:
-    return f"{100 * p['mean']:+.1f} [{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]"
 
 
 def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: str, seconds: float,
@@ -497,18 +512,7 @@ def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: s
         lines += ["\nPer client (%):\n", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for m, e in res.items():
             lines.append(f"| {m} | " + " | ".join(_pct(e["accuracy"][n]) for n in names) + " |")
-        lines += ["\n| latent row | prototypes used per seed | H(q) nats | final prior | max abs cos | "
-                  "-ELBO/pair (held-out) | KL(q‖N(0,I)) |", "|---|---|---|---|---|---|---|"]
-        for m, e in res.items():
-            if "group_purity" not in e:
-                continue
-            ps = e["per_seed"]
-            used = " ".join(str(x["used"]) for x in ps) if ps[0].get("used") is not None else "-"
-            hq = f"{_ms([x['rounds'][-1]['H_q'] for x in ps])['mean']:.2f}"
-            prior = " / ".join(" ".join(f"{v:.2f}" for v in x["prior"]) for x in ps[:2]) + " ..." if ps[0].get("prior") else "-"
-            lines.append(f"| {m} | {used} | {hq} | {prior} | {e['max_cos']['mean']:.2f} | "
-                         + (f"{e['neg_elbo_heldout']['mean']:.3f}" if "neg_elbo_heldout" in e else "-") + " | "
-                         + (f"{e['kl_normal']['mean']:.2f}" if "kl_normal" in e else "-") + " |")
+        lines += latent_rows_markdown(res)
         # the collapse traces: each FedVPA-GP prior's first collapsed seed (the burn-in on the first
         # collapsed seed of the prior from round 1 beside it) and FedVPL's
         traces = []
@@ -553,6 +557,7 @@ def parse_args(argv=None):
     ap.add_argument("--two-style-steps", type=int, default=120, help="GRPO block: SFT steps of the two-style start")
     ap.add_argument("--fresh", action="store_true", help="drop earlier blocks of vpa-results.json instead of merging")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="processes for the table's runs (same numbers as 1)")
     for k, v in asdict(VPAConfig()).items():
         if isinstance(v, bool) or k == "beta":
             continue
@@ -597,7 +602,8 @@ def main(argv=None) -> int:
         for beta in betas:
             c = VPAConfig(**{**asdict(cfg), "beta": beta})
             merged[f"{label}, beta {beta:g}"] = run_experiment(clients, c, seeds, desc=f"{name} b{beta:g}",
-                                                               plot_dir=out / "vpa-latent" / f"{name}-beta{beta:g}")
+                                                               plot_dir=out / "vpa-latent" / f"{name}-beta{beta:g}",
+                                                               workers=a.workers)
     command = "python -m experiments.fedvpa_table " + " ".join(argv if argv is not None else sys.argv[1:])
     # the header's command / seeds / seconds are the table's: a --grpo-only run keeps the earlier ones
     # (the GRPO block carries its own)

@@ -643,8 +643,11 @@ def test_paired_interval_by_hand():
 def test_grid_rows_paired_columns_and_latent_plots(tmp_path):
     clients = two_group_clients(n=120, held=60)
     cfg = vm.VPAConfig(**{**FAST, "local_steps": 3}, rounds=2)
-    res = vpa.run_experiment(clients, cfg, [0, 1], plot_dir=tmp_path)
+    res = vpa.run_experiment(clients, cfg, [0, 1], plot_dir=tmp_path, workers=2)
     assert list(res) == [vpa.MONO, *vpa.GRID]
+    # forked workers give what one process gives: seed 1 of FedVPA-GP (V9) run here
+    model, prior, _ = vm.train_federated("vpa", clients, vm.VPAConfig(**{**vars(cfg), "learned_prior": True}), 1)
+    assert vpa.evaluate(model, clients, prior, 1)["accuracy"] == res[vpa.FULL]["per_seed"][1]["accuracy"]
     for name, e in res.items():
         assert e[f"vs {vpa.FULL}"]["values"] == pytest.approx(
             [a - b for a, b in zip(res[vpa.FULL]["mean_accuracy"]["values"], e["mean_accuracy"]["values"])])
