@@ -19,8 +19,18 @@ V1..V8 are this code's):
   V8 prior       pi_r = u = 1/P                          for r < w R  (burn-in, and always round 0)
      burn-in     pi_r = (1 - eps) * pibar_{r-1} + eps / P   after;  w = cfg.prior_warmup, eps = cfg.prior_floor
                  ablations: w = 0 (the mixture from round 1, as first implemented); pi = u, fixed
+  V9 learned     pi = softmax(rho), rho [P] a parameter of the model (cfg.learned_prior): the paper's
+     prior       "learnable Gumbel-Softmax mixture weights". rho gets the gradient of the KL in V4
+                 (d/d rho of beta KL(q || softmax(rho)) = beta (pi - q)) at every local step and is
+                 FedAvg'd with the rest, so pi drifts toward the clients' mean posterior at the
+                 optimiser's pace instead of being replaced by it each round (V6)
   loss_k = -ELBO_k / T + lambda * L_orth;   shared parameters (encoder, trunk, readout,
-  prototypes) aggregated with federated.fedavg (E4) each round.
+  prototypes, rho) aggregated with federated.fedavg (E4) each round.
+
+Where z and the prototypes live: z = s @ V in R^H, s the one-hot (Gumbel-Softmax) sample over the
+P prototypes V [P, H]; the same space R^H is the reward's readout offset (V3). A Gaussian latent
+(FedVPL, experiments/fedvpl.py) uses the same decoder: z in R^P, offset z @ V, so s and a Gaussian
+z are points of one space whose prototypes are the vertices e_p of the simplex.
 
 Why V8 (ours: the paper's mixture prior has learnable Gumbel-Softmax weights; its schedule is not
 in what we could read, so the burn-in is labelled as this code's). In V5, KL(q || pi) =
@@ -136,6 +146,7 @@ class VPAConfig:
     mixture_prior: bool = True  # V6; False = fixed uniform prior (ablation)
     prior_warmup: float = 0.5   # V8 w: share of rounds with the uniform prior before the mixture (0: off)
     prior_floor: float = 0.01   # V8 eps: pi keeps eps / P of the uniform on every prototype
+    learned_prior: bool = False  # V9 (with mixture_prior): pi = softmax(rho), rho learned by the ELBO
     tau0: float = 1.0
     tau_min: float = 0.3
     eval_contexts: int = 32   # S: context sets drawn per client for its posterior and purity
@@ -189,6 +200,26 @@ class VPA(_Standardise):
         self.prototypes = nn.Parameter(torch.randn(P, H) / math.sqrt(H))
         self.trunk = nn.Sequential(nn.Linear(dim, H), nn.GELU())  # h(e): [.., H], shared by all z
         self.w0 = nn.Linear(H, 1)  # w0, b0 of V3
+        if cfg.mixture_prior and cfg.learned_prior:
+            self.rho = nn.Parameter(torch.zeros(P))  # V9: logits of the prior, uniform at the start
+
+    def learned_prior(self) -> torch.Tensor | None:
+        """V9: softmax(rho) [P] (with its gradient), or None when the prior is the server's."""
+        return F.softmax(self.rho, -1) if hasattr(self, "rho") else None
+
+    def train_terms(self, w: torch.Tensor, l: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor,
+                    prior: torch.Tensor, step: int, total: int, g: torch.Generator) -> dict:
+        """One local step's loss (V4 sampled with V2, V7): -ELBO / T + lambda L_orth, averaged
+        over the M episodes; with V9 the prior is softmax(rho) and the KL trains rho.
+        -> {loss, acc, q [M, P], z [M, P], kl [M], h_q}: what local_update logs and uploads."""
+        cfg = self.cfg
+        learned = self.learned_prior()
+        o = episode_terms(self, w, l, ctx, tgt, prior if learned is None else learned,
+                          temperature(step, total, cfg.tau0, cfg.tau_min), g)
+        neg_elbo = -(o["loglik"] - kl_weight(cfg, step, total) * o["kl"]) / cfg.targets  # [M], per target pair
+        o["loss"] = neg_elbo.mean() + cfg.orth * orthogonal_loss(self.prototypes)
+        o["acc"], o["h_q"] = o["acc"].mean(), entropy(o["q"].detach()).mean().item()
+        return o
 
     def posterior_logits(self, ctx_w: torch.Tensor, ctx_l: torch.Tensor) -> torch.Tensor:
         """V1. ctx_w, ctx_l [M, C, D] features of the context pairs -> logits [M, P]. The pair
@@ -256,6 +287,11 @@ class ClientFeatures:
         return self.train_w.shape[0]
 
 
+def kl_weight(cfg: VPAConfig, step: int, total: int) -> float:
+    """beta of V4 at a step: cfg.beta, ramped linearly from 0 over cfg.kl_warmup of all steps."""
+    return cfg.beta * min(1.0, step / (cfg.kl_warmup * total)) if cfg.kl_warmup > 0 else cfg.beta
+
+
 def episodes(n: int, m: int, c: int, t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(context idx [m, c], target idx [m, t]) into a client's n training pairs, drawn with
     replacement (a client with fewer pairs than c + t still works)."""
@@ -305,27 +341,26 @@ def _state(model: nn.Module) -> dict:
 def local_update(model: nn.Module, state: dict, client: ClientFeatures, cfg: VPAConfig, prior: torch.Tensor | None,
                  step0: int, total_steps: int, seed: int) -> Upload:
     """One round at one client: cfg.local_steps AdamW steps from the server's `state`.
-    VPA: loss = -ELBO / T + lambda * L_orth (V4, V7); MonolithicBT: BT on the same target pairs.
-    `model` is a scratch module of the right class (its parameters are overwritten)."""
+    A latent model (VPA, or any module with `train_terms`: FedVPL) takes its loss from
+    `model.train_terms` (VPA: -ELBO / T + lambda * L_orth, V4, V7); MonolithicBT: BT on the same
+    target pairs. `model` is a scratch module of the right class (its parameters are overwritten)."""
     model.load_state_dict(state)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     M, C, T = cfg.episodes, cfg.context, cfg.targets
+    latent = hasattr(model, "train_terms")
     losses, accs, qs, usage, ents, kls = [], [], [], 0, [], []
     for i in range(cfg.local_steps):
         ctx, tgt = episodes(client.n, M, C, T, g)
-        if isinstance(model, VPA):
-            tau = temperature(step0 + i, total_steps, cfg.tau0, cfg.tau_min)
-            o = episode_terms(model, client.train_w, client.train_l, ctx, tgt, prior, tau, g)
-            beta = cfg.beta * min(1.0, (step0 + i) / (cfg.kl_warmup * total_steps)) if cfg.kl_warmup > 0 else cfg.beta
-            neg_elbo = -(o["loglik"] - beta * o["kl"]) / T  # [M], per target pair
-            loss = neg_elbo.mean() + cfg.orth * orthogonal_loss(model.prototypes)
-            qs.append(o["q"].detach().mean(0))
-            usage = usage + o["z"].detach().sum(0)
-            ents.append(entropy(o["q"].detach()).mean().item())
+        if latent:
+            o = model.train_terms(client.train_w, client.train_l, ctx, tgt, prior, step0 + i, total_steps, g)
+            loss, acc = o["loss"], o["acc"]
+            qs.append(o["q"].detach().mean(0))  # VPA: the mean posterior; FedVPL: the mean posterior mean
+            if "z" in o:
+                usage = usage + o["z"].detach().sum(0)
+            ents.append(o["h_q"])
             kls.append(o["kl"].detach().mean().item())
-            acc = o["acc"].mean()
         else:
             tgt = tgt.reshape(-1)  # the monolithic RM ignores contexts: M*T pairs per step
             margin = model(client.train_w[tgt]) - model(client.train_l[tgt])
@@ -339,8 +374,8 @@ def local_update(model: nn.Module, state: dict, client: ClientFeatures, cfg: VPA
     loss, acc = sum(losses) / len(losses), sum(accs) / len(accs)
     if not qs:
         return Upload(_state(model), client.n, None, loss, acc)
-    return Upload(_state(model), client.n, torch.stack(qs).mean(0), loss, acc, usage,
-                  sum(ents) / len(ents), sum(kls) / len(kls))
+    return Upload(_state(model), client.n, torch.stack(qs).mean(0), loss, acc,
+                  usage if torch.is_tensor(usage) else None, sum(ents) / len(ents), sum(kls) / len(kls))
 
 
 def mixture_prior(uploads: list[Upload]) -> torch.Tensor:
@@ -370,29 +405,34 @@ def pooled_feature_stats(clients: list[ClientFeatures]) -> tuple[torch.Tensor, t
 
 
 def _round_log(r: int, ups: list[Upload], clients: list[ClientFeatures], prior: torch.Tensor | None) -> dict:
-    """One line of the per-round log (n_k-weighted over clients). VPA adds the prior the round
-    used [P], the hard-sample usage [P], H(q), KL(q || pi) and every client's qbar [P]: the
-    figures that show a collapse forming."""
+    """One line of the per-round log (n_k-weighted over clients). A latent model adds the prior
+    weights the round used [P] (when it has any), the hard-sample usage [P] (VPA), the posterior's
+    entropy, KL(q || pi) and every client's qbar [P] (VPA: mean posterior; FedVPL: mean posterior
+    mean, a point of the same latent space): the figures that show a collapse forming."""
     n = sum(u.n for u in ups)
     entry = {"round": r, "loss": sum(u.n * u.loss for u in ups) / n, "acc": sum(u.n * u.acc for u in ups) / n}
     if ups[0].qbar is not None:
-        usage = sum(u.usage for u in ups)
-        entry.update({"prior": [round(x, 4) for x in prior.tolist()],
-                      "usage": [round(x, 4) for x in (usage / usage.sum()).tolist()],
-                      "H_q": round(sum(u.n * u.h_q for u in ups) / n, 4),
+        if prior is not None:
+            entry["prior"] = [round(x, 4) for x in prior.tolist()]
+        if ups[0].usage is not None:
+            usage = sum(u.usage for u in ups)
+            entry["usage"] = [round(x, 4) for x in (usage / usage.sum()).tolist()]
+        entry.update({"H_q": round(sum(u.n * u.h_q for u in ups) / n, 4),
                       "kl": round(sum(u.n * u.kl for u in ups) / n, 4),
                       "qbar": {c.name: [round(x, 3) for x in u.qbar.tolist()] for c, u in zip(clients, ups)}})
     return entry
 
 
-def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, seed: int,
+def train_federated(kind, clients: list[ClientFeatures], cfg: VPAConfig, seed: int,
                     desc: str | None = None, init: dict | None = None) -> tuple[nn.Module, torch.Tensor | None, list[dict]]:
-    """R rounds of FedAvg (E4) of a VPA (`kind="vpa"`) or MonolithicBT (`kind="mono"`) over
-    `clients`; every client reports every round. Returns (model, prior pi [P] or None, log): pi
-    is the prior of a round after the last (V8 at r = R), the one evaluation and the client RMs'
-    KL use. Same seed, same result: the init comes from `seed` (or `init`, a state dict to start
-    from; its feature stats are replaced by the clients' pooled ones), each client-round's
-    episodes and Gumbel noise from a generator seeded by (seed, round, client index)."""
+    """R rounds of FedAvg (E4) of a VPA (`kind="vpa"`), a MonolithicBT (`kind="mono"`) or any
+    latent model class with VPA's `train_terms` / `learned_prior` (`kind=` the class: FedVPL) over
+    `clients`; every client reports every round. Returns (model, prior pi [P] or None, log): pi is
+    the prior of a round after the last (V8 at r = R, V9's softmax(rho), the uniform), the one
+    evaluation and the client RMs' KL use. Same seed, same result: the init comes from `seed` (or
+    `init`, a state dict to start from; its feature stats are replaced by the clients' pooled
+    ones), each client-round's episodes and latent noise from a generator seeded by (seed, round,
+    client index)."""
     if not clients:
         raise ValueError("train_federated: no clients")
     cfg.validate()
@@ -401,32 +441,37 @@ def train_federated(kind: str, clients: list[ClientFeatures], cfg: VPAConfig, se
         if c.train_w.shape[1] != D:
             raise ValueError(f"client {c.name!r}: feature dim {c.train_w.shape[1]}, client 0 has {D}")
     torch.manual_seed(seed)
-    make = {"vpa": VPA, "mono": MonolithicBT}.get(kind)
+    make = kind if isinstance(kind, type) else {"vpa": VPA, "mono": MonolithicBT}.get(kind)
     if make is None:
-        raise ValueError(f"train_federated: kind must be 'vpa' or 'mono', got {kind!r}")
+        raise ValueError(f"train_federated: kind must be 'vpa', 'mono' or a model class, got {kind!r}")
     model, scratch = make(D, cfg), make(D, cfg)
     if init is not None:
         model.load_state_dict(init)
     model.set_feature_stats(*pooled_feature_stats(clients))
     P = cfg.prototypes
     uniform = torch.full((P,), 1.0 / P)
-    pibar, prior = uniform, (uniform if kind == "vpa" else None)
+    server = make is VPA and cfg.mixture_prior and not cfg.learned_prior  # V6 / V8 on the server
+    pibar, prior = uniform, (uniform if make is VPA else None)
     total = cfg.rounds * cfg.local_steps
     log = []
-    bar = tqdm(range(cfg.rounds), desc=desc or kind, dynamic_ncols=True, disable=None, leave=False)
+    bar = tqdm(range(cfg.rounds), desc=desc or getattr(kind, "__name__", kind), dynamic_ncols=True, disable=None, leave=False)
     for r in bar:
-        if kind == "vpa" and cfg.mixture_prior:
+        if server:
             prior = prior_for_round(pibar, r, cfg)  # V8; the ablation keeps the uniform
         state = _state(model)
         ups = [local_update(scratch, state, c, cfg, prior, r * cfg.local_steps, total, seed * 100_003 + r * 101 + k)
                for k, c in enumerate(clients)]
+        learned = model.learned_prior() if hasattr(model, "learned_prior") else None  # V9: the round's prior
         model.load_state_dict(federated.fedavg([u.state for u in ups], [u.n for u in ups]))
-        if kind == "vpa":
+        if server:
             pibar = mixture_prior(ups)  # V6
-        log.append(_round_log(r, ups, clients, prior))
+        log.append(_round_log(r, ups, clients, prior if learned is None else learned.detach()))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", acc=f"{log[-1]['acc']:.3f}")
-    if kind == "vpa" and cfg.mixture_prior:
+    if server:
         prior = prior_for_round(pibar, cfg.rounds, cfg)
+    learned = model.learned_prior() if hasattr(model, "learned_prior") else None
+    if learned is not None:
+        prior = learned.detach()
     model.eval()
     return model, prior, log
 

@@ -33,6 +33,19 @@ def _pct(d: dict) -> str:
     return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
 
 
+# Student t, two-sided 95%, by degrees of freedom 1..9 (paired intervals over 2-10 seeds)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Paired difference a - b over seeds (same seed, same data): mean and the 95% t-interval
+    mean ± t_{n-1} sd / sqrt(n); `holds` when the interval excludes 0 on a's side."""
+    d = [x - y for x, y in zip(a, b)]
+    m = _ms(d)
+    half = T95[len(d) - 2] * m["std"] / len(d) ** 0.5 if 2 <= len(d) <= 10 else float("nan")
+    return {"mean": m["mean"], "lo": m["mean"] - half, "hi": m["mean"] + half, "values": d}
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation: posterior, accuracy, purity, collapse
 # ----------------------------------------------------------------------------------------------
@@ -252,12 +265,34 @@ def sampled_styles(vlm, encoder: models.Encoder, examples: list[data.Example], m
     return {**{s: c[s] / len(out) for s in STYLES}, "n": len(out)}
 
 
+def _ci(p: dict) -> str:
+    return f"{100 * p['mean']:+.1f} [{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]"
+
+
+def latent_rows_markdown(res: dict) -> list[str]:
+    """The latent rows' structure figures (experiments/fedvpa_table.py's grid): prototypes used,
+    H(q) of the last round, the final prior of the first two seeds, prototype cosines, -ELBO, KL."""
+    lines = ["\n| latent row | prototypes used per seed | H(q) nats | final prior | max abs cos | "
+              "-ELBO/pair (held-out) | KL(q‖N(0,I)) |", "|---|---|---|---|---|---|---|"]
+    for m, e in res.items():
+        if "group_purity" not in e:
+            continue
+        ps = e["per_seed"]
+        used = " ".join(str(x["used"]) for x in ps) if ps[0].get("used") is not None else "-"
+        hq = f"{_ms([x['rounds'][-1]['H_q'] for x in ps])['mean']:.2f}"
+        prior = " / ".join(" ".join(f"{v:.2f}" for v in x["prior"]) for x in ps[:2]) + " ..." if ps[0].get("prior") else "-"
+        lines.append(f"| {m} | {used} | {hq} | {prior} | {e['max_cos']['mean']:.2f} | "
+                     + (f"{e['neg_elbo_heldout']['mean']:.3f}" if "neg_elbo_heldout" in e else "-") + " | "
+                     + (f"{e['kl_normal']['mean']:.2f}" if "kl_normal" in e else "-") + " |")
+    return lines
+
+
 def rounds_markdown(ev: dict, title: str) -> list[str]:
     """The per-round figures of one run: prior, hard-sample usage, H(q), KL (the collapse trace)."""
     lines = [f"\n{title}\n", "| round | prior pi | usage of hard samples | H(q) | KL(q‖pi) | train acc |", "|---|---|---|---|---|---|"]
     for e in ev["rounds"]:
-        lines.append(f"| {e['round']} | {' '.join(f'{x:.2f}' for x in e['prior'])} | "
-                     f"{' '.join(f'{x:.2f}' for x in e['usage'])} | {e['H_q']:.3f} | {e['kl']:.3f} | {e['acc']:.3f} |")
+        lines.append(f"| {e['round']} | {' '.join(f'{x:.2f}' for x in e.get('prior', []))} | "
+                     f"{' '.join(f'{x:.2f}' for x in e.get('usage', []))} | {e['H_q']:.3f} | {e['kl']:.3f} | {e['acc']:.3f} |")
     return lines
 
 

@@ -5,7 +5,8 @@ a client's VPA reward model built from its own pairs, and GRPO with it. The meth
 collapse diagnosis and the tables.
 
   python -m experiments.fedvpa_table --run-dir runs/default --seeds 0,1,2,3,4 --federations conflict --betas 0.1
-      -> <run-dir>/vpa-results.md and vpa-results.json (every seed's per-round log included)
+      -> <run-dir>/vpa-results.md and vpa-results.json (every seed's per-round log included),
+         <run-dir>/vpa-latent/conflict-beta0.1/*.png (the latent per run)
   python -m experiments.fedvpa_table --run-dir runs/default --client-rm --seeds 0,1,2,3,4
       -> adds the client-RM block: each domain's client holds both labeller groups, trains a
          VPA client RM (saved under <run-dir>/vpa-clients/) vs a plain BT RM on the same pairs
@@ -22,10 +23,14 @@ everything else) and get one extra style pair per question whose direction is th
 A third of every client's pairs conflict across groups and nothing in x tells the groups apart,
 so one monolithic BT reward (FedAvg) cannot fit both; a client latent can.
 
-Variants (ABLATIONS): the method with V8's uniform burn-in; the mixture prior from round 1 (the
-method as first implemented, which collapsed); the uniform prior; no orthogonal loss; neither;
-and the monolithic BT reward. A seed *collapses* when group purity < 0.9 or < 2 prototypes are
-used; the table counts collapses per variant.
+Rows (GRID), the paper's ablation first: FedVPL (experiments/fedvpl.py: Gaussian latent, N(0, I)
+prior), FedVPL + the orthogonal loss, FedVPL + the mixture prior, FedVPA-GP with the paper's
+learned prior (V9); then FedVPA-GP with this code's priors: the posterior average after a uniform
+burn-in (V8), from round 1 (V6, as first implemented), the uniform prior; and the monolithic BT
+reward. A seed *collapses* when group purity < 0.9 (or < 2 prototypes are used); the table counts
+collapses per row and pairs every row with FedVPA-GP by seed. Each run of FedVPL, FedVPA-GP and
+its burn-in variant gets the latent plot (experiments/fedvpl.py:latent_plot) under
+<out>/vpa-latent/.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import random
 import re
 import sys
@@ -51,8 +57,10 @@ import models
 import reward
 import router as routing
 from experiments.fedvpa_eval import (StyleGuard, StyleJudge, _ms, _pct, answer_style,  # noqa: F401 (re-exported)
-                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo,
+                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo, paired, _ci,
+                                     latent_rows_markdown,
                                      rm_diagnostics, rounds_markdown, sampled_styles, style_logprobs)
+from experiments.fedvpl import VPL, evaluate_vpl, latent_plot, latent_points
 from fedvpa import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
 from judge import evaluate as evaluate_policy
 from models import Progress
@@ -400,87 +408,117 @@ def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg:
 # Experiment and CLI
 # ----------------------------------------------------------------------------------------------
 
-FULL = "FedVPA-GP: mixture prior after a uniform burn-in (V8) + orth"
-ORIG = "mixture prior from round 1 + orth (as first implemented)"
-UNIFORM = "uniform prior + orth"
-ABLATIONS = {  # name -> VPAConfig overrides
-    FULL: {},
-    ORIG: {"prior_warmup": 0.0},
-    UNIFORM: {"mixture_prior": False},
-    "mixture prior (V8), no orth": {"orth": 0.0},
-    "uniform prior, no orth": {"mixture_prior": False, "orth": 0.0},
-}
 MONO = "monolithic BT (FedAvg)"
+VPL_ = "FedVPL: Gaussian z, N(0, I) prior"
+FULL = "FedVPA-GP: learned Gumbel-Softmax prior (V9) + orth"
+BURNIN = "FedVPA-GP, posterior-average prior after a burn-in (V8) + orth"
+ORIG = "FedVPA-GP, posterior-average prior from round 1 (V6) + orth"
+UNIFORM = "FedVPA-GP, uniform prior + orth"
+GRID = {  # name -> (model, VPAConfig overrides): the paper's four rows, then the priors of this code
+    VPL_: (VPL, {"orth": 0.0, "mixture_prior": False}),
+    "FedVPL + orthogonal loss": (VPL, {"mixture_prior": False}),
+    "FedVPL + mixture prior (learned weights)": (VPL, {"orth": 0.0}),
+    FULL: ("vpa", {"learned_prior": True}),
+    BURNIN: ("vpa", {}),
+    ORIG: ("vpa", {"prior_warmup": 0.0}),
+    UNIFORM: ("vpa", {"mixture_prior": False}),
+}
+PLOTTED = {VPL_: "fedvpl", FULL: "fedvpa-gp", BURNIN: "fedvpa-gp-burn-in"}  # row -> its latent plots' name
 
 
-def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[int], desc: str = "") -> dict:
-    """The monolithic BT and every VPA variant of ABLATIONS, each over `seeds`; mean +/- std per
-    figure, collapses counted, every seed's evaluation and per-round log kept."""
+_CLIENTS: list[ClientFeatures] = []  # the federation a forked worker of run_experiment reads
+
+
+def _run(job: tuple) -> dict:
+    """One (row, seed) of the grid: train, evaluate, keep the per-round log, draw the latent."""
+    name, kind, c, s, desc, plot_dir = job
+    clients, t0 = _CLIENTS, time.time()
+    torch.set_num_threads(1)
+    model, prior, log = train_federated(kind, clients, c, s, desc=f"{desc} {name[:24]} s{s}")
+    ev = evaluate_vpl(model, clients, s) if kind is VPL else evaluate(model, clients, prior, s)
+    ev.update(seed=s, seconds=round(time.time() - t0, 2), final_loss=log[-1]["loss"])
+    if kind != "mono":
+        ev["rounds"] = log
+    if kind == "vpa":
+        ev["neg_elbo_heldout"] = neg_elbo(model, clients, prior, s, held=True)
+    if plot_dir is not None and name in PLOTTED:
+        pts = {cl.name: latent_points(model, cl, s * 31 + k).tolist() for k, cl in enumerate(clients)}
+        latent_plot(plot_dir / f"{PLOTTED[name]}-seed{s}.png", log, pts, {cl.name: cl.group for cl in clients},
+                    f"{name}, seed {s}: group purity {ev['group_purity']:.2f} "
+                    f"({'collapsed' if ev['collapsed'] else 'separated'}), mean held-out accuracy "
+                    f"{100 * sum(ev['accuracy'].values()) / len(clients):.1f}")
+    return ev
+
+
+def run_experiment(clients: list[ClientFeatures], cfg: VPAConfig, seeds: list[int], desc: str = "",
+                   plot_dir: Path | None = None, workers: int = 1) -> dict:
+    """The monolithic BT and every row of GRID, each over `seeds`; mean +/- std per figure,
+    collapses counted, every seed's evaluation and per-round log kept, the paired difference of
+    FULL's mean accuracy against every other row; the latent plot of PLOTTED's runs in plot_dir.
+    `workers` > 1 runs the (row, seed) jobs in forked processes, one thread each: the same
+    numbers as one process (every run seeds its own generators)."""
+    global _CLIENTS
+    _CLIENTS = clients
+    runs = [(MONO, "mono", cfg)] + [(n, k, VPAConfig(**{**asdict(cfg), **o})) for n, (k, o) in GRID.items()]
+    jobs = [(name, kind, c, s, desc, plot_dir) for name, kind, c in runs for s in seeds]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            evs = pool.map(_run, jobs, chunksize=1)
+    else:
+        evs = [_run(j) for j in jobs]
     res = {}
-    runs = [(MONO, "mono", cfg)] + [(n, "vpa", VPAConfig(**{**asdict(cfg), **o})) for n, o in ABLATIONS.items()]
-    for name, kind, c in runs:
-        per_seed = []
-        for s in seeds:
-            t0 = time.time()
-            model, prior, log = train_federated(kind, clients, c, s, desc=f"{desc} {name} s{s}")
-            ev = evaluate(model, clients, prior, s)
-            ev.update(seed=s, seconds=round(time.time() - t0, 2), final_loss=log[-1]["loss"])
-            if kind == "vpa":
-                ev["neg_elbo_heldout"] = neg_elbo(model, clients, prior, s, held=True)
-                ev["rounds"] = log
-            per_seed.append(ev)
+    for i, (name, kind, c) in enumerate(runs):
+        per_seed = evs[i * len(seeds):(i + 1) * len(seeds)]
         entry = {"accuracy": {c_.name: _ms([e["accuracy"][c_.name] for e in per_seed]) for c_ in clients},
                  "mean_accuracy": _ms([sum(e["accuracy"].values()) / len(e["accuracy"]) for e in per_seed]),
                  "min_accuracy": _ms([min(e["accuracy"].values()) for e in per_seed]),
                  "seconds": _ms([e["seconds"] for e in per_seed])}
-        for k in ("client_purity", "group_purity", "used", "H_qbar", "H_q", "max_cos", "neg_elbo_heldout"):
-            if k in per_seed[0]:
+        for k in ("client_purity", "group_purity", "used", "H_qbar", "H_q", "max_cos", "neg_elbo_heldout", "kl_normal"):
+            if per_seed[0].get(k) is not None:
                 entry[k] = _ms([float(e[k]) for e in per_seed])
         if per_seed[0].get("collapsed") is not None:
             entry["collapsed_seeds"] = [e["seed"] for e in per_seed if e["collapsed"]]
-        entry["per_seed"] = per_seed
-        res[name] = entry
+        res[name] = {**entry, "per_seed": per_seed}
         tqdm.write(f"{desc} {name}: mean acc {entry['mean_accuracy']['mean']:.3f}"
-                   + (f", group purity {entry['group_purity']['mean']:.2f}, used {entry['used']['mean']:.1f}, "
-                      f"collapsed {entry.get('collapsed_seeds')}" if "group_purity" in entry else ""))
+                   + (f", group purity {entry['group_purity']['mean']:.2f}, collapsed {entry.get('collapsed_seeds')}"
+                      if "group_purity" in entry else ""))
+    for e in res.values():
+        for ref in (FULL, BURNIN):
+            e[f"vs {ref}"] = paired(res[ref]["mean_accuracy"]["values"], e["mean_accuracy"]["values"])
     return res
 
 
 def results_markdown(all_res: dict, cfg: VPAConfig, seeds: list[int], command: str, seconds: float,
                      client_rm: dict | None = None, grpo_res: dict | None = None) -> str:
     """Markdown of every (federation, beta) block of `all_res`, the client-RM block and the GRPO block."""
-    lines = ["# FedVPA-GP (experiments/fedvpa_table.py)\n",
+    lines = ["# FedVPA-GP against FedVPL (experiments/fedvpa_table.py)\n",
              f"Regenerate: `{command}` ({seconds:.0f} s for the blocks it ran; other blocks merged from earlier runs).\n",
              f"P={cfg.prototypes}, context C={cfg.context}, targets T={cfg.targets}, {cfg.rounds} rounds x "
              f"{cfg.local_steps} local steps x {cfg.episodes} episodes, lr {cfg.lr}, lambda_orth {cfg.orth}, "
              f"tau {cfg.tau0} -> {cfg.tau_min}, uniform-prior burn-in {cfg.prior_warmup} of the rounds (V8), floor {cfg.prior_floor}; "
              f"training seeds {seeds} (data seed fixed); mean ± std over seeds. Accuracy: held-out pair accuracy (%); "
-             "VPA scores with the posterior-mean reward E_q[r] under the client's posterior from its own training "
-             "pairs. Collapsed: group purity < 0.9 or fewer than 2 prototypes used.\n"]
+             "scored with E_q[r] under the client's posterior from its own training pairs (FedVPL: r at the posterior "
+             "mean, the same thing). Collapsed: group purity < 0.9, or (FedVPA-GP) fewer than 2 prototypes used; "
+             "FedVPA-GP's purity clusters by MAP prototype, FedVPL's by a k-means (k = P) of its posterior means. "
+             "Paired: the named FedVPA-GP row minus this row, mean accuracy per seed, mean and 95% t-interval "
+             "(points).\n"]
     for label, res in all_res.items():
         names = list(next(iter(res.values()))["accuracy"])
-        lines += [f"\n## {label}\n", "| method | " + " | ".join(names) + " | mean | worst client | collapsed |",
-                  "|---|" + "---|" * (len(names) + 3)]
+        lines += [f"\n## {label}\n", "| method | mean | worst client | collapsed | group purity per seed | "
+                  "paired: FedVPA-GP (V9) minus row | paired: FedVPA-GP burn-in (V8) minus row |", "|---|---|---|---|---|---|---|"]
         for m, e in res.items():
-            col = f"{len(e['collapsed_seeds'])}/{len(e['per_seed'])}" if "collapsed_seeds" in e else ""
-            lines.append(f"| {m} | " + " | ".join(_pct(e["accuracy"][n]) for n in names)
-                         + f" | {_pct(e['mean_accuracy'])} | {_pct(e['min_accuracy'])} | {col} |")
-        lines += ["\n| VPA variant | group purity per seed | prototypes used per seed | collapsed seeds | H(q) nats "
-                  "| H(q̄) nats | max abs cos | -ELBO/pair (held-out) |", "|---|---|---|---|---|---|---|---|"]
+            col = f"{len(e['collapsed_seeds'])}/{len(e['per_seed'])} {e['collapsed_seeds'] or ''}" if "collapsed_seeds" in e else ""
+            pur = " ".join(f"{x['group_purity']:.2f}" for x in e["per_seed"]) if "group_purity" in e else ""
+            pv = [_ci(e[f"vs {r}"]) if f"vs {r}" in e and m != r else "" for r in (FULL, BURNIN)]
+            lines.append(f"| {m} | {_pct(e['mean_accuracy'])} | {_pct(e['min_accuracy'])} | {col} | {pur} | {pv[0]} | {pv[1]} |")
+        lines += ["\nPer client (%):\n", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for m, e in res.items():
-            if "group_purity" not in e:
-                continue
-            ps = e["per_seed"]
-            purity = " ".join(f"{x['group_purity']:.2f}" for x in ps)
-            used = " ".join(str(x["used"]) for x in ps)
-            lines.append(f"| {m} | {purity} | {used} "
-                         f"| {e['collapsed_seeds'] or 'none'} | {e['H_q']['mean']:.2f} ± {e['H_q']['std']:.2f} | "
-                         f"{e['H_qbar']['mean']:.2f} | {e['max_cos']['mean']:.2f} | {e['neg_elbo_heldout']['mean']:.3f} |")
-        # the collapse traces: the method as first implemented on its first collapsed seed, the
-        # fixed method on that seed, and the first collapsed seed of the fixed method and of the
-        # uniform prior (what the fix does not remove)
+            lines.append(f"| {m} | " + " | ".join(_pct(e["accuracy"][n]) for n in names) + " |")
+        lines += latent_rows_markdown(res)
+        # the collapse traces: each FedVPA-GP prior's first collapsed seed (the burn-in on the first
+        # collapsed seed of the prior from round 1 beside it) and FedVPL's
         traces = []
-        for m, other in ((ORIG, FULL), (FULL, None), (UNIFORM, None)):
+        for m, other in ((ORIG, BURNIN), (FULL, None), (BURNIN, None), (UNIFORM, None), (VPL_, None)):
             if m in res and res[m].get("collapsed_seeds"):
                 s = res[m]["collapsed_seeds"][0]
                 traces += [(m, s)] + ([(other, s)] if other in res else [])
@@ -521,6 +559,7 @@ def parse_args(argv=None):
     ap.add_argument("--two-style-steps", type=int, default=120, help="GRPO block: SFT steps of the two-style start")
     ap.add_argument("--fresh", action="store_true", help="drop earlier blocks of vpa-results.json instead of merging")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="processes for the table's runs (same numbers as 1)")
     for k, v in asdict(VPAConfig()).items():
         if isinstance(v, bool) or k == "beta":
             continue
@@ -564,7 +603,9 @@ def main(argv=None) -> int:
         print(f"{label}: train pairs {[c.n for c in clients]}, held-out {[c.held_w.shape[0] for c in clients]}")
         for beta in betas:
             c = VPAConfig(**{**asdict(cfg), "beta": beta})
-            merged[f"{label}, beta {beta:g}"] = run_experiment(clients, c, seeds, desc=f"{name} b{beta:g}")
+            merged[f"{label}, beta {beta:g}"] = run_experiment(clients, c, seeds, desc=f"{name} b{beta:g}",
+                                                               plot_dir=out / "vpa-latent" / f"{name}-beta{beta:g}",
+                                                               workers=a.workers)
     command = "python -m experiments.fedvpa_table " + " ".join(argv if argv is not None else sys.argv[1:])
     # the header's command / seeds / seconds are the table's: a --grpo-only run keeps the earlier ones
     # (the GRPO block carries its own)

@@ -539,3 +539,120 @@ def test_main_grpo_flag_runs_the_block_and_keeps_the_table(fed, tmp_path, monkey
     md = (tmp_path / "vpa-results.md").read_text()
     assert "python -m experiments.fedvpa_table --table" in md and "color/full" in md and "## GRPO with a VPA client RM" in md
     assert "| reference | VPA full | 90.0 ± 0.0 | 75.0 ± 0.0 |" in md
+
+
+# -- V9: the learned prior; FedVPL (experiments/fedvpl.py); the ablation grid ---------------------
+
+from experiments import fedvpl  # noqa: E402
+from experiments.fedvpa_eval import paired  # noqa: E402
+
+
+def test_learned_prior_gets_the_kl_gradient_pi_minus_q():
+    """V9: d/d rho of KL(q || softmax(rho)) = softmax(rho) - q (summed over q's rows: n pi - sum q)."""
+    rho = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
+    q = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    vm.categorical_kl(q, F.softmax(rho, -1)).sum().backward()
+    pi = F.softmax(rho.detach(), -1)
+    assert torch.allclose(rho.grad, 2 * pi - q.sum(0), atol=1e-6)
+    # only the learned-prior configuration has rho, and its state holds it (FedAvg'd with the rest)
+    assert "rho" not in vm.VPA(D, vm.VPAConfig(**FAST)).state_dict()
+    m = vm.VPA(D, vm.VPAConfig(**FAST, learned_prior=True))
+    assert torch.allclose(m.learned_prior(), torch.full((3,), 1 / 3)) and "rho" in m.state_dict()
+
+
+def test_learned_prior_trains_and_is_logged():
+    clients = two_group_clients(n=200, held=100)
+    cfg = vm.VPAConfig(**FAST, rounds=4, learned_prior=True)
+    model, prior, log = vm.train_federated("vpa", clients, cfg, seed=0)
+    assert torch.allclose(torch.tensor(log[0]["prior"]), torch.full((3,), 1 / 3), atol=1e-4)  # rho starts at 0
+    assert torch.allclose(prior, F.softmax(model.rho.detach(), -1)) and (prior - 1 / 3).abs().max() > 1e-3
+    assert sum(log[-1]["prior"]) == pytest.approx(1.0, abs=1e-3) and log[-1]["prior"] != log[0]["prior"]
+
+
+def test_gaussian_and_mixture_kl_match_hand_computations():
+    mu, lv = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.2, -0.4]])
+    want = 0.5 * sum(m * m + math.exp(v) - 1 - v for m, v in ((0.5, 0.2), (-1.0, -0.4)))
+    assert fedvpl.gaussian_kl(mu, lv).item() == pytest.approx(want, rel=1e-6)
+    assert fedvpl.gaussian_kl(torch.zeros(3, 4), torch.zeros(3, 4)).abs().max().item() < 1e-7  # q = p
+    # mixture of N(e_p, s^2 I), one sample z: log q(z) - log sum_p pi_p N(z; e_p, s^2 I)
+    z, pi, s = torch.tensor([[0.3, 0.9]]), torch.tensor([0.25, 0.75]), 0.5
+
+    def logn(x, m, var):
+        return sum(-0.5 * ((a - b) ** 2 / v + math.log(2 * math.pi * v)) for a, b, v in zip(x, m, var))
+    log_q = logn([0.3, 0.9], [0.5, -1.0], [math.exp(0.2), math.exp(-0.4)])
+    log_p = math.log(0.25 * math.exp(logn([0.3, 0.9], [1, 0], [s * s] * 2)) + 0.75 * math.exp(logn([0.3, 0.9], [0, 1], [s * s] * 2)))
+    assert fedvpl.mixture_kl(z, mu, lv, pi, s).item() == pytest.approx(log_q - log_p, rel=1e-5)
+
+
+def test_fedvpl_shapes_reparameterisation_and_reward_linear_in_z():
+    cfg = vm.VPAConfig(**FAST, orth=0.0, mixture_prior=False)
+    m = fedvpl.VPL(D, cfg)
+    w, l = torch.randn(40, D), torch.randn(40, D)
+    ctx, tgt = vm.episodes(40, cfg.episodes, cfg.context, cfg.targets, torch.Generator().manual_seed(0))
+    mu, lv = m.posterior(w[ctx], l[ctx])
+    assert mu.shape == lv.shape == (cfg.episodes, cfg.prototypes)
+    o = m.train_terms(w, l, ctx, tgt, None, 0, 10, torch.Generator().manual_seed(1))
+    assert o["q"].shape == (cfg.episodes, 3) and o["kl"].shape == (cfg.episodes,) and "z" not in o
+    assert torch.allclose(o["kl"], fedvpl.gaussian_kl(mu, lv))  # N(0, I): the closed form
+    o["loss"].backward()
+    assert m.to_logvar.weight.grad.abs().sum() > 0 and m.to_mu.weight.grad.abs().sum() > 0  # G2 passes gradient
+    # G3 is linear in z: the reward at the mean of two z's is the mean of their rewards
+    e, z1, z2 = torch.randn(1, 5, D), torch.randn(1, 3), torch.randn(1, 3)
+    assert torch.allclose(m.reward(e, (z1 + z2) / 2), (m.reward(e, z1) + m.reward(e, z2)) / 2, atol=1e-5)
+    # the mixture variant has the learned weights and a one-sample KL
+    mm = fedvpl.VPL(D, vm.VPAConfig(**FAST))
+    assert torch.allclose(mm.learned_prior(), torch.full((3,), 1 / 3))
+    assert fedvpl.VPL(D, cfg).learned_prior() is None
+
+
+def test_fedvpl_learns_the_two_groups_and_beats_monolithic(trained):
+    clients, _, _, _, _, mono = trained
+    cfg = vm.VPAConfig(**FAST, rounds=8, orth=0.0, mixture_prior=False)
+    model, prior, log = vm.train_federated(fedvpl.VPL, clients, cfg, seed=0)
+    assert prior is None and "usage" not in log[0] and "prior" not in log[0] and set(log[0]["qbar"]) == {c.name for c in clients}
+    assert log[-1]["loss"] < log[0]["loss"]
+    ev, ev_mono = fedvpl.evaluate_vpl(model, clients), vpa.evaluate(mono, clients)
+    assert ev["group_purity"] >= 0.9 and not ev["collapsed"] and ev["kl_normal"] > 0.5, ev
+    for c in clients:
+        assert ev["accuracy"][c.name] >= ev_mono["accuracy"][c.name] + 0.05, (ev["accuracy"], ev_mono["accuracy"])
+    again, _, log2 = vm.train_federated(fedvpl.VPL, clients, cfg, seed=0)  # same seed, same result
+    assert log2 == log and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_kmeans_purity_separates_blobs_and_not_one_blob():
+    g = torch.Generator().manual_seed(0)
+    two = torch.cat([torch.randn(30, 3, generator=g) * 0.1 + 2, torch.randn(30, 3, generator=g) * 0.1 - 2])
+    lab = fedvpl.kmeans(two, 4)
+    assert lab.shape == (60,) and not set(lab[:30].tolist()) & set(lab[30:].tolist())
+    # the evaluation's purity on a latent that ignores the context: every client at one point
+    clients = two_group_clients(n=100, held=50)
+    m = fedvpl.VPL(D, vm.VPAConfig(**FAST, mixture_prior=False))
+    with torch.no_grad():
+        m.to_mu.weight.zero_()
+    ev = fedvpl.evaluate_vpl(m, clients)
+    assert ev["group_purity"] == pytest.approx(0.5) and ev["collapsed"]
+
+
+def test_paired_interval_by_hand():
+    p = paired([0.8, 0.9, 0.7], [0.7, 0.7, 0.6])  # differences 0.1, 0.2, 0.1: mean 0.1333, sd 0.0577
+    half = 4.303 * math.sqrt(((0.1 - 0.4 / 3) ** 2 * 2 + (0.2 - 0.4 / 3) ** 2) / 2) / math.sqrt(3)
+    assert p["mean"] == pytest.approx(0.4 / 3) and p["lo"] == pytest.approx(0.4 / 3 - half)
+    assert p["hi"] == pytest.approx(0.4 / 3 + half) and p["values"] == pytest.approx([0.1, 0.2, 0.1])
+
+
+def test_grid_rows_paired_columns_and_latent_plots(tmp_path):
+    clients = two_group_clients(n=120, held=60)
+    cfg = vm.VPAConfig(**{**FAST, "local_steps": 3}, rounds=2)
+    res = vpa.run_experiment(clients, cfg, [0, 1], plot_dir=tmp_path, workers=2)
+    assert list(res) == [vpa.MONO, *vpa.GRID]
+    # forked workers give what one process gives: seed 1 of FedVPA-GP (V9) run here
+    model, prior, _ = vm.train_federated("vpa", clients, vm.VPAConfig(**{**vars(cfg), "learned_prior": True}), 1)
+    assert vpa.evaluate(model, clients, prior, 1)["accuracy"] == res[vpa.FULL]["per_seed"][1]["accuracy"]
+    for name, e in res.items():
+        assert e[f"vs {vpa.FULL}"]["values"] == pytest.approx(
+            [a - b for a, b in zip(res[vpa.FULL]["mean_accuracy"]["values"], e["mean_accuracy"]["values"])])
+        assert ("collapsed_seeds" in e) == (name != vpa.MONO)
+    assert res[vpa.FULL][f"vs {vpa.FULL}"]["mean"] == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{v}-seed{s}.png" for v in vpa.PLOTTED.values() for s in (0, 1))
+    md = vpa.results_markdown({"toy": res}, cfg, [0, 1], "cmd", 1.0)
+    assert "| FedVPL + orthogonal loss |" in md and "paired: FedVPA-GP (V9) minus row" in md
