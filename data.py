@@ -294,14 +294,14 @@ class Federation:
     test: dict[str, list[Example]]
     image_split: dict[str, list[str]] = field(default_factory=dict)
 
-    def gold(self, domain: str | None = None) -> dict[tuple[str, str], str] | None:
-        """{(image, prompt): gold answer} of the GRPO pool (one domain's when given), for the
-        oracle reward and the logs' sampled accuracy; None when the pool has no answers (every
-        method but the oracle trains without them)."""
-        if self.pool_gold is None:
-            return None
-        return {(e.image, e.prompt): g for e, g in zip(self.pool, self.pool_gold)
-                if domain is None or e.domain == domain}
+
+def pool_gold(fed, domain: str | None = None) -> dict[tuple[str, str], str] | None:
+    """{(image, prompt): gold answer} of a federation's GRPO pool (one domain's when given), for
+    the oracle reward and the logs' sampled accuracy; None when the pool has no answers (every
+    method but the oracle trains without them)."""
+    if fed.pool_gold is None:
+        return None
+    return {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold) if domain is None or e.domain == domain}
 
 
 DEFAULT_SPLIT = {"public": 600, "color": 800, "shape": 1200, "position": 800, "pool": 600}

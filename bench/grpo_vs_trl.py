@@ -198,7 +198,9 @@ def bench_ours(args, fed) -> dict:
 
 def pool_gold(fed) -> dict:
     """{(image, prompt): answer}: both sides train the oracle, whose reward needs every answer."""
-    gold = fed.gold()
+    import data
+
+    gold = data.pool_gold(fed)
     if gold is None:
         raise SystemExit("bench: the prompt pool has no gold answers; the oracle reward needs them")
     return gold

@@ -354,7 +354,7 @@ def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg:
                "e_answers": torch.stack([table[t] for t in answers]).view(len(qs), len(words), -1),  # [Q, K, D]
                "gold": torch.tensor([words.index(e.answer) for e in qs])}  # [Q]
     pool = [e for e in fed.pool if e.domain == domain]
-    gold = fed.gold(domain)  # logs and the style probe only
+    gold = data.pool_gold(fed, domain)  # logs and the style probe only
     if gold is None:  # the probe scores gold answers in two styles: it needs them
         raise SystemExit("fedvpa_table: the prompt pool has no gold answers; the style probe needs them")
     probe = [data.Example(e.image, e.prompt, gold[(e.image, e.prompt)], domain) for e in pool[:64]]

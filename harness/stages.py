@@ -408,7 +408,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     # The pool's gold answers: read by the oracle reward and by the on-the-fly accuracy in the
     # logs, never by the trainer's update (MoR's server has no labels). None: a --prompts file
     # without answers (pipeline.methods has left the oracle out; the logs carry no accuracy).
-    gold = fed.gold()
+    gold = data.pool_gold(fed)
     out = policy_dir(run, method, seed)
     fn = baselines.reward_source(run, method, seed, gold, cache)
     # Every method starts from the same reference weights; only the reward differs. The seed

@@ -260,3 +260,22 @@ def test_the_worked_own_task_example_runs_as_printed(tmp_path, capsys):
     assert "runs" not in plan.replace("plan for", "") and plan.count("fresh") >= 6, plan
     assert mor.main(["--config", str(own / "config.json")]) == 0
     assert capsys.readouterr().out.count("done already") == 6
+
+
+def test_a_prompt_pool_without_answers_trains_every_method_but_the_oracle(tmp_path):
+    files = tmp_path / "files"
+    data.export_benchmark(files, seed=0, test_per_domain=2, max_rows=6)
+    rows = [json.loads(x) for x in (files / "prompts.jsonl").read_text().splitlines()]
+    (files / "pool.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) + "\n"
+                                              for r in rows))
+    run = _run(tmp_path / "run", "--prompts", str(files / "pool.jsonl"))
+    assert run.fed.pool_gold is None and data.pool_gold(run.fed) is None
+    assert all(e.answer is None for e in run.fed.pool) and len(run.fed.pool) == 6
+    from harness.pipeline import methods
+    assert "oracle" not in methods(run) and {"mor", "avg_rm", "rm_color"} <= set(methods(run))
+    with pytest.raises(SystemExit, match="--methods oracle: the prompt pool has no gold answers"):
+        methods(_run(tmp_path / "run", "--prompts", str(files / "pool.jsonl"), "--methods", "oracle,mor"))
+    # with answers on every row the oracle is back, and its gold is the file's
+    full = _run(tmp_path / "run", "--prompts", str(files / "prompts.jsonl"))
+    gold = data.pool_gold(full.fed)
+    assert "oracle" in methods(full) and sorted(gold.values()) == sorted(r["answer"] for r in rows)
