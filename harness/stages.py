@@ -386,8 +386,9 @@ _WORKER_CACHE: dict = {}  # per worker process: the K RMs and the router, loaded
 
 
 # Relative cost of a GRPO job (training + test eval, 1 thread, measured on the default run with
-# 100 steps): Avg/Weighted RM and MoR score with every RM (77-89 s), NTS adds a bandit update
-# and a policy forward per step (82-87 s), single RMs take 67-73 s and the oracle about 62 s.
+# 100 steps): Avg/Weighted RM and the soft mixture score with every RM (77-89 s), MoR (NTS)
+# adds a bandit update and a policy forward per step (82-87 s), single RMs take 67-73 s and the
+# oracle about 62 s; the every-RM reference rows cost as the averages.
 JOB_COST = {"avg_rm": 1.3, "weighted_rm": 1.3, "mor_soft": 1.2, "mor": 1.2, "central_router": 1.2, "min_rm": 1.3,
             "uwo_rm": 1.3}
 
