@@ -57,7 +57,7 @@ import models
 import reward
 import router as routing
 import safe_io
-from models import Progress
+from safe_io import Progress
 
 
 def fedavg(state_dicts: list[dict[str, torch.Tensor]], num_examples: list[int]) -> dict[str, torch.Tensor]:

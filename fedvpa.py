@@ -483,7 +483,7 @@ def train_federated(kind, clients: list[ClientFeatures], cfg: VPAConfig, seed: i
 
 class FeatureRewardModel(nn.Module):
     """What MoR calls on a client RM (reward.RewardModel's scoring interface), for any reward
-    head on the frozen reference's E2 features: grpo.score_unique / SingleReward / MixedReward,
+    head on the frozen reference's E2 features: mixture.score_unique / SingleReward / MixedReward,
     reward.pair_scores / pair_accuracy / reward_stats use only these.
       score(images, prompts, responses) -> raw rewards [B]  (one reference forward, router.features)
       standardized(r) -> (r - mean) / std                     (E3)

@@ -14,7 +14,7 @@ import torch
 
 import data
 import models
-from models import Progress
+from safe_io import Progress
 
 
 @torch.no_grad()

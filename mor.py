@@ -388,17 +388,17 @@ def _main(a, argv) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
-    # Live per-step metrics of every loop (models.Progress.log): <run>/metrics/<setting>/<loop>.jsonl,
+    # Live per-step metrics of every loop (safe_io.Progress.log): <run>/metrics/<setting>/<loop>.jsonl,
     # TensorBoard event files beside them when tensorboard is installed; workers inherit it.
-    before = os.environ.get(models.METRICS_ENV)
-    os.environ[models.METRICS_ENV] = str(run.dir / "metrics" / a.setting)
+    before = os.environ.get(safe_io.METRICS_ENV)
+    os.environ[safe_io.METRICS_ENV] = str(run.dir / "metrics" / a.setting)
     try:
         return _stages(run, a)
     finally:  # an in-process caller (the tests, --full's next setting) gets its own folder
         if before is None:
-            os.environ.pop(models.METRICS_ENV, None)
+            os.environ.pop(safe_io.METRICS_ENV, None)
         else:
-            os.environ[models.METRICS_ENV] = before
+            os.environ[safe_io.METRICS_ENV] = before
 
 
 def _stages(run: Run, a) -> int:

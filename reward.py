@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import models
-from models import Progress
+from safe_io import Progress
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def train_sft(model, encoder: models.Encoder, examples: list[data.Example], step
         if not models.guarded_step(opt, loss, model.parameters(), desc):
             continue
         losses.append(loss.item())
-        bar.log(step, loss=losses[-1])  # live metrics (models.Progress.log)
+        bar.log(step, loss=losses[-1])  # live metrics (safe_io.Progress.log)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
     return losses

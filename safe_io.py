@@ -11,6 +11,8 @@
   3. Crash-safe writes: a temp file beside the target, then a rename (atomic on POSIX). A killed
      run leaves the previous good state or nothing, never half a file. Every stage output and the
      Flower apps' files go through them.
+  4. `Progress`: the progress of every long loop (a tqdm bar on a terminal, plain periodic lines
+     in a log or a worker) and its live per-step metrics (JSONL, TensorBoard when installed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFile
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------
 # 1. Users' own data: JSONL with validation
@@ -480,3 +485,85 @@ def atomic_dir(path: str | Path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Progress of long loops: a tqdm bar on a terminal, plain lines in a log or a worker process
+# ----------------------------------------------------------------------------------------------
+# Every training and evaluation loop reports through `Progress` (a tqdm) with the figures that
+# matter set as its postfix (loss, reward, KL, accuracy). On a terminal it is an ordinary live bar.
+# When stderr is not a terminal (`bash train.sh > log`), or inside a worker process where two jobs
+# would overwrite one bar line, it prints one full line every `PLAIN_INTERVAL` seconds and at the
+# end, prefixed by the job's name, so a log shows every job moving.
+#
+# Importing this module also silences transformers' own per-load bars ("Loading weights", "Writing
+# model shards"): one per checkpoint load, dozens per run, none of them informative.
+#
+# Live metrics: with $MOR_METRICS set to a folder (mor.py sets <run>/metrics/<setting>), each
+# loop's `Progress.log(step, **scalars)` appends one JSON line per step to <folder>/<desc>.jsonl
+# (started afresh when the loop starts) and, when tensorboard is installed, to an event file
+# under <folder>/tb/<desc>/: `tail -f` or `tensorboard --logdir` shows a job while it runs.
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+PLAIN_INTERVAL = 30.0  # seconds between two plain progress lines of one loop
+PLAIN_ENV = "MOR_PLAIN_PROGRESS"  # set to 1 in worker processes (stages.in_workers)
+METRICS_ENV = "MOR_METRICS"  # the live metrics folder (see above); unset: no metrics files
+
+
+def plain() -> bool:
+    return os.environ.get(PLAIN_ENV) == "1" or not sys.stderr.isatty()
+
+
+class Progress(tqdm):
+    """tqdm that degrades to periodic plain lines (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        self._plain = plain()
+        self._printed = -1.0  # when the last plain line was printed (tqdm's clock)
+        self._closing = False
+        if self._plain:
+            kwargs["disable"] = False
+            kwargs.setdefault("ascii", True)
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if not self._plain:
+            return super().display(msg, pos)
+        # refresh() runs on every update and postfix change: print only every PLAIN_INTERVAL
+        # seconds of progress, and the final state when the loop closes
+        now = self._time()
+        if self.n == 0 or not (self._closing or now - max(self._printed, self.start_t) >= PLAIN_INTERVAL):
+            return True
+        self._printed = now
+        print((msg or self.format_meter(**self.format_dict)).strip(), file=sys.stderr, flush=True)
+        return True
+
+    def log(self, step: int, **scalars) -> None:
+        """One step's raw figures (not the bar's smoothed postfix) to the live metrics sinks."""
+        folder = os.environ.get(METRICS_ENV)
+        if not folder:
+            return
+        if not hasattr(self, "_sink"):  # opened on the loop's first step: a rerun starts over
+            name = "-".join(str(self.desc).split()) or "loop"
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self._sink, self._tb = open(Path(folder) / f"{name}.jsonl", "w", encoding="utf-8"), None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(folder) / "tb" / name))
+            except ImportError:  # tensorboard is optional: the JSONL file is always there
+                pass
+        vals = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._sink.write(json.dumps({"step": step, "time": round(time.time(), 3), **vals}) + "\n")
+        self._sink.flush()
+        for k, v in vals.items() if self._tb else ():
+            self._tb.add_scalar(k, v, step)
+
+    def close(self):
+        self._closing = True
+        super().close()
+        if hasattr(self, "_sink"):
+            self._sink.close()
+            if self._tb:
+                self._tb.close()

@@ -13,7 +13,7 @@ on the same checkpoint (--model-dir, default runs/default/base: the project's ti
 reference policy; TRL loads its reference model from the same directory) and the same prompts:
 the federation's GRPO prompt pool, written to a JSONL file that the TRL side reads.
 
-  ours  `grpo.train_grpo` with `grpo.OracleReward` on the pool, called exactly as stages.stage_grpo
+  ours  `grpo.train_grpo` with `mixture.OracleReward` on the pool, called exactly as stages.stage_grpo
         calls it. Step time = wall time between consecutive `on_step` callbacks (the callback
         fires once per step, after the update), so it covers the whole loop body: batch fetch +
         image decode + processor, generate, reference forward, reward, policy forward/backward,
@@ -116,6 +116,7 @@ class PhaseTimer:
 
 def bench_ours(args, fed) -> dict:
     import grpo
+    import mixture
     import models
 
     # The pool's gold answers are read only by the oracle reward (as in stages.stage_grpo).
@@ -159,7 +160,7 @@ def bench_ours(args, fed) -> dict:
     la0 = loadavg()
     try:
         t0 = time.perf_counter()
-        log = grpo.train_grpo(policy, ref, enc, fed.pool, grpo.OracleReward(gold), cfg, args.seed, gold=gold,
+        log = grpo.train_grpo(policy, ref, enc, fed.pool, mixture.OracleReward(gold), cfg, args.seed, gold=gold,
                               on_step=on_step, desc="bench grpo")
         total = time.perf_counter() - t0
     finally:

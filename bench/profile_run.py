@@ -168,6 +168,7 @@ def matmul_peak(M: int, H: int, widths: dict, repeat: int = 20) -> dict:
 
 def profile_grpo(args, fed, peak: float) -> dict:
     import grpo
+    import mixture
     import models
     import reward
     import router
@@ -181,10 +182,10 @@ def profile_grpo(args, fed, peak: float) -> dict:
         if args.cache and hasattr(grpo, "rm_score"):  # as the grpo stage does: frozen RMs, features once
             for rm in rms:
                 rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
-        reward_fn, source = grpo.MixedReward(rms, router.avg_rm(len(rms))), f"avg_rm over {len(rms)} client RMs"
+        reward_fn, source = mixture.MixedReward(rms, router.avg_rm(len(rms))), f"avg_rm over {len(rms)} client RMs"
     else:
         gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
-        reward_fn, source = grpo.OracleReward(gold), "oracle (no client RMs in the run dir)"
+        reward_fn, source = mixture.OracleReward(gold), "oracle (no client RMs in the run dir)"
     ph = Phases()
     enc = models.Encoder(proc)
 

@@ -42,6 +42,7 @@ import torch
 import data
 import federated
 import grpo
+import mixture
 import models
 import reward
 import router as routing
@@ -159,7 +160,7 @@ def run_stage(stage: str, work: Path, device: str) -> dict:
         rms = [reward.RewardModel.load(rm_dir, device=device) for _ in range(K)]
         resident(policy, *rms)
         torch.manual_seed(SEED)
-        fn = grpo.MixedReward(rms, routing.Router(2 * shape.hidden, K))  # MoR's soft routing (E3)
+        fn = mixture.MixedReward(rms, routing.Router(2 * shape.hidden, K))  # MoR's soft routing (E3)
         grpo.train_grpo(policy, None, models.Encoder(proc), exs, fn, cfg, SEED)
         out = _measure(start, t0, device, pred, rows=rows, tokens=T)
     elif stage == "eval":

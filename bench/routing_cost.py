@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import grpo
+import mixture
 import models
 import reward
 import router
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
         r = make_router(run)()  # this K's federated router
         r.load_state_dict(safe_io.load_router_state(run.output("router"), r))
         for method in ("mor_soft", "mor_hard"):
-            fn = grpo.MixedReward(rms[:K], r) if method == "mor_soft" else grpo.HardReward(rms[:K], r, cfg.group)
+            fn = mixture.MixedReward(rms[:K], r) if method == "mor_soft" else mixture.HardReward(rms[:K], r, cfg.group)
             policy, proc = models.load_vlm(big.dir / "base")
             ref, _ = models.load_vlm(big.dir / "base")
             stamps = []

@@ -8,7 +8,7 @@ families (Qwen2-VL, LLaVA-OneVision: different tokenizers and image tokens) with
 reward statistics, and a seeded router. TRL's GRPOTrainer trains the reference for 2 steps with
 mor_reward as its only reward; every batch it scored is then re-scored by the project's own GRPO
 path (grpo.response_batch -> the reference's token forward -> router.pool_features ->
-grpo.MixedReward), and the two must agree on every sample."""
+mixture.MixedReward), and the two must agree on every sample."""
 import json
 import os
 import sys
@@ -28,6 +28,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import data  # noqa: E402
 import grpo  # noqa: E402
+import mixture  # noqa: E402
 import models  # noqa: E402
 import reward  # noqa: E402
 import router  # noqa: E402
@@ -87,7 +88,7 @@ def test_trl_grpo_with_mor_reward_equals_the_projects_reward(run_dir, tmp_path):
 
     # the project's own GRPO path on the same samples (grpo.train_grpo, steps 2-3)
     ref, enc = mor.ref, mor.encoder
-    project = grpo.MixedReward(mor.rms, mor.router)
+    project = mixture.MixedReward(mor.rms, mor.router)
     seen = []
     for images, ids, prompts, got in calls:
         texts = [mor_question(p) for p in prompts]

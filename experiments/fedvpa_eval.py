@@ -325,7 +325,7 @@ def grpo_markdown(res: dict) -> list[str]:
              f"Regenerate: `{res.get('command', 'python -m experiments.fedvpa_table --grpo')}` ({res.get('seconds', 0):.0f} s on "
              f"{res.get('threads', 1)} CPU thread(s)). The {d} client holds both groups ({res['pairs']['terse']} terse "
              f"and {res['pairs']['full']} full pairs); GRPO (E5, unchanged) on {d} prompts of the pool with one client "
-             f"RM as grpo.SingleReward: *VPA full* / *VPA terse* = its VPA client RM fixed to that group's posterior, "
+             f"RM as mixture.SingleReward: *VPA full* / *VPA terse* = its VPA client RM fixed to that group's posterior, "
              f"*BT* = MonolithicBT on the same features and the same mixed pairs. {g['steps']} steps x "
              f"{g['prompts']} prompts x G={g['group']}, lr {g['lr']}, beta {g['beta']}, max_new_tokens "
              f"{g['max_new_tokens']} (a full {d} answer takes {res['full_tokens']} tokens; the pipeline's default 4 "

@@ -53,18 +53,18 @@ from tqdm.auto import tqdm
 
 import data
 import grpo
+import mixture
 import models
 import reward
 import router as routing
-from experiments.fedvpa_eval import (StyleGuard, StyleJudge, _ms, _pct, answer_style,  # noqa: F401 (re-exported)
-                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy, neg_elbo, paired, _ci,
-                                     latent_rows_markdown,
-                                     rm_diagnostics, rounds_markdown, sampled_styles, style_logprobs)
+from experiments.fedvpa_eval import (StyleGuard, StyleJudge, _ci, _ms, _pct, answer_style,  # noqa: F401 (re-exported)
+                                     client_posterior, evaluate, full_answer, grpo_markdown, heldout_accuracy,
+                                     latent_rows_markdown, neg_elbo, paired, rm_diagnostics, rounds_markdown,
+                                     sampled_styles, style_logprobs)
 from experiments.fedvpl import VPL, evaluate_vpl, latent_plot, latent_points
 from fedvpa import BTFeatureRewardModel, ClientFeatures, VPAConfig, VPARewardModel, train_federated
 from judge import evaluate as evaluate_policy
-from models import Progress
-from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
+from safe_io import Progress, atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
 # ----------------------------------------------------------------------------------------------
 # The benchmark: easy-VQA pairs, the conflicting-preference variant, cached features
@@ -327,7 +327,7 @@ def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg:
                  client RM, scoring through the frozen reference) fixed to group g's posterior;
       "BT":      a plain BT RM of the same kind: MonolithicBT on the same features and the same
                  mixed pairs (same split and seed), as BTFeatureRewardModel.
-    Each runs as grpo.SingleReward (E3) inside StyleGuard (the format guard, both conventions
+    Each runs as mixture.SingleReward (E3) inside StyleGuard (the format guard, both conventions
     well-formed) from each start of GRPO_ARMS: the reference, which never samples a full
     sentence, and two_style_start. Per seed s (the RMs' and GRPO's): test accuracy in either
     style (StyleJudge), style shares of the greedy test answers and of the last 10 steps'
@@ -383,7 +383,7 @@ def grpo_experiment(fed: data.Federation, data_seed: int, seeds: list[int], cfg:
                 t0 = time.time()
                 policy, proc = models.load_vlm(starts[start])
                 kl_ref, _ = models.load_vlm(starts[start])  # pi_ref of E5: the start itself
-                fn = StyleGuard(grpo.SingleReward(rms[arm]), gcfg.group, gold)
+                fn = StyleGuard(mixture.SingleReward(rms[arm]), gcfg.group, gold)
                 log = grpo.train_grpo(policy, kl_ref, models.Encoder(proc), pool, fn, gcfg, s,
                                       desc=f"grpo {start} / {arm} s{s}")
                 t_grpo, judge = time.time() - t0, StyleJudge()

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import federated
-import models
 import grpo
+import mixture
+import models
 import nts
 import reward
 import safe_io
@@ -36,9 +37,9 @@ def reward_source(run: Run, method: str, seed: int, gold: dict, cache: dict):
     the router between the jobs of one process."""
     a, fed = run.args, run.fed
     if method == "oracle":
-        return grpo.OracleReward(gold)
+        return mixture.OracleReward(gold)
     if method in FEDAVG_RM:
-        return grpo.SingleReward(reward.RewardModel.load(run.dir / FEDAVG_RM[method], device=run.device))
+        return mixture.SingleReward(reward.RewardModel.load(run.dir / FEDAVG_RM[method], device=run.device))
     if "rms" not in cache:  # the K client uploads, loaded once for every RM method
         cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
         for rm in cache["rms"]:  # frozen here: each image's features once per worker (grpo.rm_score)
@@ -49,19 +50,19 @@ def reward_source(run: Run, method: str, seed: int, gold: dict, cache: dict):
     domains = {e.prompt: e.domain for e in fed.pool}
     if method == "mor":  # the paper's MoR: the federated router as NTS's prior, updated online
         ts = nts.NeuralTS(src["mor_soft"], lam=a.nts_lambda, nu=a.nts_nu, update_steps=a.nts_update_steps, seed=seed)
-        return grpo.NTSReward(rms, ts, a.group, feedback=a.nts_feedback, probe=a.nts_probe,
+        return mixture.NTSReward(rms, ts, a.group, feedback=a.nts_feedback, probe=a.nts_probe,
                               format_guard=a.format_guard, domains=domains, seed=seed)
     if method == "mor_hard":
-        return grpo.HardReward(rms, src["mor_soft"], a.group, domains=domains)
+        return mixture.HardReward(rms, src["mor_soft"], a.group, domains=domains)
     if method == "random_hard":
-        return grpo.RandomHardReward(rms, a.group, domains=domains, seed=seed)
+        return mixture.RandomHardReward(rms, a.group, domains=domains, seed=seed)
     if method in ("min_rm", "uwo_rm"):
-        return grpo.EnsembleReward(rms, method)
+        return mixture.EnsembleReward(rms, method)
     if method == "central_router":
         central = make_router(run)()
         central.load_state_dict(safe_io.load_router_state(central_path(run), central))
-        return grpo.MixedReward(rms, central)
-    return grpo.MixedReward(rms, src[method])  # mor_soft, avg_rm, weighted_rm, rm_<client>
+        return mixture.MixedReward(rms, central)
+    return mixture.MixedReward(rms, src[method])  # mor_soft, avg_rm, weighted_rm, rm_<client>
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from transformers import AutoProcessor
 import data
 import federated
 import grpo
+import mixture
 import models
 import reward
 import router
@@ -42,9 +43,8 @@ from harness.report import (_chance, _mean_std, _moving_max, claims, gates, many
                             matrix_markdown, paired_comparisons, plots, results_markdown, router_markdown,
                             weak_client_effect)
 from judge import JUDGES, evaluate, win_rate
-from models import PLAIN_ENV, Progress
 from reward import train_sft
-from safe_io import atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
+from safe_io import PLAIN_ENV, Progress, atomic_dir, atomic_save_file, atomic_write_json, atomic_write_text
 
 
 def preflight(run: Run) -> None:
@@ -441,16 +441,16 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
         models.merge_lora(policy, tmp / "adapter")  # adapters for peft in adapter/, merged weights beside
         policy.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
-        live = Path(os.environ.get(models.METRICS_ENV) or "/nonexistent") / f"grpo-{method}-s{seed}.jsonl"
-        if live.is_file():  # the per-step metrics the loop appended live (models.Progress.log)
+        live = Path(os.environ.get(safe_io.METRICS_ENV) or "/nonexistent") / f"grpo-{method}-s{seed}.jsonl"
+        if live.is_file():  # the per-step metrics the loop appended live (safe_io.Progress.log)
             shutil.copyfile(live, tmp / "metrics.jsonl")
         atomic_write_json(tmp / "test_eval.json", {"accuracy": r["accuracy"], "correct": r["correct"],
                                                    "malformed_share": r["malformed_share"],
                                                    "n": run.test_signature()})
-        extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, grpo.NTSReward) else {}
-        if isinstance(fn, grpo.HardReward):  # NTSReward too: per-prompt routing log and own-domain share
+        extra = {"nts": nts_summary(fn, fed)} if isinstance(fn, mixture.NTSReward) else {}
+        if isinstance(fn, mixture.HardReward):  # NTSReward too: per-prompt routing log and own-domain share
             own = {d: k for k, d in enumerate(fed.clients) if d in fed.test}
-            extra["routing_own_share"] = grpo.own_share(fn.log, own)
+            extra["routing_own_share"] = mixture.own_share(fn.log, own)
             atomic_write_text(tmp / "routing_log.jsonl", "".join(json.dumps(x) + "\n" for x in fn.log))
         # memory with the K RMs loaded (issue of many clients): this worker's peak so far, and
         # the RMs' own parameters

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import grpo
+import mixture
 import models
 import reward
 import router
@@ -76,8 +77,8 @@ class MoRReward:
         self.router = load_router(run / f"router-{setting}.safetensors", H)
         self.rms = [reward.RewardModel.load(run / "clients" / k / f"reward-{families[k]}", device=device)
                     for k in names]
-        self.source = (grpo.MixedReward(self.rms, self.router) if routing == "soft"
-                       else grpo.HardReward(self.rms, self.router, group))
+        self.source = (mixture.MixedReward(self.rms, self.router) if routing == "soft"
+                       else mixture.HardReward(self.rms, self.router, group))
         self._tmp = None  # where in-memory images are written (image_paths)
         self.__name__ = f"mor_{routing}"  # TRL logs a reward function under its __name__
 

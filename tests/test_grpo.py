@@ -8,6 +8,7 @@ import torch
 
 import data
 import grpo
+import mixture
 import models
 import nts
 import router
@@ -176,10 +177,10 @@ def test_repeated_samples_are_scored_once():
 
     rm = FakeRM()
     resp = ["red<|im_end|>", "red<|im_end|>", "blue<|im_end|>", "red<|im_end|>"]
-    r, n = grpo.score_unique(rm, ["a.png"] * 4, ["q"] * 4, resp)
+    r, n = mixture.score_unique(rm, ["a.png"] * 4, ["q"] * 4, resp)
     assert n == 2 and rm.rows == [2]
     assert torch.equal(r, (torch.tensor([float(len(x)) for x in resp]) - 1.0) / 2.0)
-    src = grpo.MixedReward([rm, FakeRM()], router.single_rm(0, 2))
+    src = mixture.MixedReward([rm, FakeRM()], router.single_rm(0, 2))
     src(["a.png"] * 4, ["q"] * 4, resp, torch.zeros(4, 2))
     assert src.calls == [2, 0]  # the zero-weight RM is never run
 
@@ -219,7 +220,7 @@ def test_hard_routing_scores_each_rm_on_its_routed_rows_only():
     src, e, images, prompts, responses = _routing_setup()
     rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()}), CountingRM(TABLE)]  # K = 3
     src = router.Router(4, 3, hidden=8)
-    fn = grpo.HardReward(rms, src, 4, domains={"q0": "color"})
+    fn = mixture.HardReward(rms, src, 4, domains={"q0": "color"})
     r = fn(images, prompts, responses, e)
     arms = src(e.view(6, 4, -1).mean(1)).argmax(-1)
     for k, rm in enumerate(rms):
@@ -236,7 +237,7 @@ def test_hard_routing_scores_each_rm_on_its_routed_rows_only():
 
 def _nts_reward(rms, src, **kw):
     ts = nts.NeuralTS(src, nu=0.0)
-    return grpo.NTSReward(rms, ts, 4, **kw), ts
+    return mixture.NTSReward(rms, ts, 4, **kw), ts
 
 
 def test_nts_probe_scores_every_rm_once_and_grades_them_against_the_mixture():
@@ -287,9 +288,9 @@ def test_nts_median_rule_updates_the_drawn_arms_with_the_gain():
     assert [x["b"] for x in fn.log] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # median of 6: the lower middle, 0.1
     assert torch.equal(ts.replay[2], arms)
     with pytest.raises(ValueError, match="per-batch"):
-        grpo.NTSReward(rms, ts, 4, per_batch=True)
+        mixture.NTSReward(rms, ts, 4, per_batch=True)
     with pytest.raises(ValueError, match="feedback"):
-        grpo.NTSReward(rms, ts, 4, feedback="gain")
+        mixture.NTSReward(rms, ts, 4, feedback="gain")
 
 
 def test_nts_improvement_rule_steps_on_the_drawn_arm_and_grades_it_by_the_others():
@@ -300,7 +301,7 @@ def test_nts_improvement_rule_steps_on_the_drawn_arm_and_grades_it_by_the_others
     rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()}), CountingRM(TABLE)]
     src = router.Router(4, 3, hidden=8)
     ts = nts.NeuralTS(src, nu=0.0)
-    fn = grpo.NTSReward(rms, ts, 4, feedback="improvement", probe=1.0)
+    fn = mixture.NTSReward(rms, ts, 4, feedback="improvement", probe=1.0)
     fn.baseline.warmup = 1
     arms = src(e.view(6, 4, -1).mean(1)).argmax(-1)
     r = fn(images, prompts, responses, e)
@@ -321,21 +322,21 @@ def test_nts_improvement_rule_steps_on_the_drawn_arm_and_grades_it_by_the_others
         else:
             assert x["delta"] is None and x["b"] is None
     with pytest.raises(ValueError, match="feedback"):
-        grpo.NTSReward(rms, ts, 4, feedback="probes")
+        mixture.NTSReward(rms, ts, 4, feedback="probes")
 
 
 def test_reference_rows_min_uwo_and_random_hard():
     src, e, images, prompts, responses = _routing_setup()
     rms = [CountingRM(TABLE), CountingRM({k: -v for k, v in TABLE.items()})]
     r0 = torch.tensor([TABLE[data.extract_answer(o)] for o in responses])
-    assert torch.equal(grpo.EnsembleReward(rms, "min_rm")(images, prompts, responses, e), -r0.abs())
-    uwo = grpo.EnsembleReward(rms, "uwo_rm", penalty=1.0)(images, prompts, responses, e)
+    assert torch.equal(mixture.EnsembleReward(rms, "min_rm")(images, prompts, responses, e), -r0.abs())
+    uwo = mixture.EnsembleReward(rms, "uwo_rm", penalty=1.0)(images, prompts, responses, e)
     assert torch.allclose(uwo, -r0 ** 2)  # mean 0, population variance r0^2
     with pytest.raises(ValueError, match="rule"):
-        grpo.EnsembleReward(rms, "max_rm")
+        mixture.EnsembleReward(rms, "max_rm")
     picks = []
     for _ in range(2):
-        fn = grpo.RandomHardReward(rms, 4, seed=5)
+        fn = mixture.RandomHardReward(rms, 4, seed=5)
         for _ in range(5):
             fn(images, prompts, responses, e)
         picks.append([x["arm"] for x in fn.log])
@@ -346,7 +347,7 @@ def test_reference_rows_min_uwo_and_random_hard():
 def test_own_share_over_the_first_and_last_steps():
     log = [{"step": s, "domain": d, "arm": a} for s, d, a in
            [(0, "color", 0), (0, "shape", 0), (1, "color", 1), (1, "shape", 1), (2, "color", 0), (2, "shape", 1)]]
-    share = grpo.own_share(log + [{"step": 2, "domain": None, "arm": 0}], {"color": 0, "shape": 1, "position": 2},
+    share = mixture.own_share(log + [{"step": 2, "domain": None, "arm": 0}], {"color": 0, "shape": 1, "position": 2},
                            first=2, last=1)
     assert share == {"color": {"start": 0.5, "end": 1.0}, "shape": {"start": 0.5, "end": 1.0},
                      "position": {"start": None, "end": None}}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import grpo
+import mixture
 import router
 from harness import pipeline, report
 from harness.pipeline import MANY, MANY_METHODS, NARROW, Run
@@ -96,12 +96,12 @@ def test_hard_routing_scores_the_same_rows_whatever_k(K):
     responses = [f"{w}{data.EOS}" for _ in range(N) for w in ("red", "blue", "green", "teal")]
     src = router.Router(D, K, hidden=8)
     rms = [RowRM() for _ in range(K)]
-    grpo.HardReward(rms, src, G)(["img"] * (N * G), prompts, responses, e)
+    mixture.HardReward(rms, src, G)(["img"] * (N * G), prompts, responses, e)
     arms = src(e.view(N, G, D).mean(1)).argmax(-1)
     assert sum(rm.rows for rm in rms) == N * G
     assert [rm.rows for rm in rms] == [G * int((arms == k).sum()) for k in range(K)]
     soft = [RowRM() for _ in range(K)]
-    grpo.MixedReward(soft, src)(["img"] * (N * G), prompts, responses, e)
+    mixture.MixedReward(soft, src)(["img"] * (N * G), prompts, responses, e)
     assert [rm.rows for rm in soft] == [N * G] * K
 
 

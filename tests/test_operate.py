@@ -11,7 +11,6 @@ import time
 import pytest
 from filelock import FileLock
 
-import models
 import mor
 import safe_io
 from harness import provenance, runs
@@ -136,12 +135,12 @@ def test_plan_says_fresh_stale_or_missing_and_writes_nothing(tmp_path, capsys):
 
 
 def test_loops_append_live_metrics_and_work_without_a_sink(tmp_path, monkeypatch):
-    monkeypatch.delenv(models.METRICS_ENV, raising=False)
-    bar = models.Progress(range(2), desc="grpo mor s0")
+    monkeypatch.delenv(safe_io.METRICS_ENV, raising=False)
+    bar = safe_io.Progress(range(2), desc="grpo mor s0")
     for i in bar:
         bar.log(i, reward=1.0)  # no folder: nothing written, nothing fails
-    monkeypatch.setenv(models.METRICS_ENV, str(tmp_path / "m"))
-    bar = models.Progress(range(3), desc="grpo mor s0")
+    monkeypatch.setenv(safe_io.METRICS_ENV, str(tmp_path / "m"))
+    bar = safe_io.Progress(range(3), desc="grpo mor s0")
     for i in bar:
         bar.log(i, reward=0.5 * i, accuracy=None)
         if i == 1:  # written as the loop runs, not at its end

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import data
+import mixture
 import mor
 from harness import provenance
 from harness.pipeline import Run
@@ -168,12 +169,10 @@ def test_a_rerun_with_other_flags_redoes_what_they_change_and_force_redoes(tmp_p
 def test_a_method_whose_every_grpo_step_was_skipped_fails_instead_of_reporting(tmp_path, monkeypatch):
     import torch
 
-    import grpo
-
     def nan_rewards(self, images, prompts, responses, e):
         return torch.full((len(responses),), float("nan"))
 
-    monkeypatch.setattr(grpo.MixedReward, "__call__", nan_rewards)
+    monkeypatch.setattr(mixture.MixedReward, "__call__", nan_rewards)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="all 2 steps were skipped"):
         mor.main(SMALL + ["--run-dir", str(run)])
@@ -211,10 +210,11 @@ def test_progress_prints_plain_lines_in_a_log_or_a_worker(monkeypatch, capsys):
     """Off a terminal (a log file, a worker process) a loop prints one full line per interval and
     its final state, with the postfix figures; never one line per update."""
     import models
+    import safe_io
 
-    monkeypatch.setenv(models.PLAIN_ENV, "1")
+    monkeypatch.setenv(safe_io.PLAIN_ENV, "1")
     monkeypatch.setattr(models, "PLAIN_INTERVAL", 3600.0)
-    bar = models.Progress(range(50), desc="grpo mor s0")
+    bar = safe_io.Progress(range(50), desc="grpo mor s0")
     for i in bar:
         bar.set_postfix(reward=f"{i:.1f}")
     lines = capsys.readouterr().err.strip().splitlines()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import data
 import fedvpa as vm
+import mixture
 import models
 import reward
 from experiments import fedvpa_table as vpa
@@ -447,7 +448,7 @@ def test_vpa_client_rm_in_grpo_reward_callables(trained, monkeypatch):
     images, prompts = ["i0"] * G + ["i1"] * G, ["p0"] * G + ["p1"] * G
     out = {}
     for name, rm in (("full", full), ("terse", terse), ("bt", bt)):
-        fn = grpo.SingleReward(rm)
+        fn = mixture.SingleReward(rm)
         out[name] = fn(images, prompts, resp, None)
         assert out[name].shape == (N * G,) and torch.isfinite(out[name]).all()
         assert fn.calls == [7]  # score_unique: the repeated (i1, p1, red) is scored once
@@ -458,9 +459,9 @@ def test_vpa_client_rm_in_grpo_reward_callables(trained, monkeypatch):
     # MoR's mixture with a router over [VPA RM, BT RM], unchanged (E3), and the style-aware guard
     e = torch.randn(N * G, 8, generator=torch.Generator().manual_seed(0))
     src = router.Router(8, 2, hidden=4)
-    mixed = grpo.MixedReward([full, bt], src)(images, prompts, resp, e)
+    mixed = mixture.MixedReward([full, bt], src)(images, prompts, resp, e)
     assert torch.allclose(mixed, router.mixed_reward(src.weights(e), torch.stack([out["full"], out["bt"]], 1)))
-    guarded = vpa_eval.StyleGuard(grpo.SingleReward(full), G)(images, prompts, resp, e)
+    guarded = vpa_eval.StyleGuard(mixture.SingleReward(full), G)(images, prompts, resp, e)
     keep = [i for i in range(N * G) if i != 4]
     assert torch.equal(guarded[keep], out["full"][keep]) and guarded[4] == out["full"][5:].min() - 1
     adv = grpo.group_advantages(guarded, G)
