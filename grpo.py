@@ -135,7 +135,7 @@ def response_batch(prompts: dict, new_ids: torch.Tensor, group: int, eos_id: int
     return out
 
 
-def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool = False):
+def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool = False, group: int = 1):
     """log pi(token_{t+1} | prefix) at response positions, 0 elsewhere: [B, T-1] (and the final
     hidden states [B, T, H] when hidden=True, for the routing features). `feats`: per-row image
     features. `batch` needs response_mask (response_batch makes it).
@@ -143,7 +143,12 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     The banned tokens (vision placeholders, pad) were suppressed while sampling, so the policy
     that produced the samples is the renormalised one without them: score with the same mask.
     Targets at padded positions are replaced by a legal id before the gather (their -inf
-    log-prob would turn 0 * -inf into NaN in the masked mean)."""
+    log-prob would turn 0 * -inf into NaN in the masked mean).
+
+    group = G > 1 (rows in groups of G samples of one prompt, response_batch's layout) runs each
+    prompt once and shares it with its samples (`_shared_prompt_logprobs`): same numbers."""
+    if group > 1 and hasattr(vlm.model, "get_rope_index"):
+        return _shared_prompt_logprobs(vlm, batch, feats, banned_ids, hidden, group)
     b = models.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
     out = vlm(**b, output_hidden_states=hidden)
     logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
@@ -155,6 +160,39 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(scored, logp, torch.zeros_like(logp))
     return (logp, out.hidden_states[-1]) if hidden else logp
+
+
+def _shared_prompt_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool, G: int):
+    """token_logprobs for rows [pad | prompt | response] in groups of G rows with one prompt.
+
+    The G rows of a group agree on every position t < Tp (the left-padded prompt), and under
+    causal attention so do their hidden states there: a full forward repeats the prompt's work
+    G times. Here the N prompts run once ([N, Tp], with_cache), their keys/values are repeated G
+    times, and only the N*G responses [N*G, Tn] run on top. Same logits in exact arithmetic;
+    gradients reach the prompt's computation once per sample through the repeated cache. The
+    M-RoPE positions are those of the full rows (get_rope_index), so nothing shifts."""
+    B, T = batch["input_ids"].shape
+    Tp = int(batch["response_mask"].any(0).nonzero()[0])  # every response starts right after the prompt
+    b = {k: v for k, v in batch.items() if k != "response_mask"}
+    pos, _ = vlm.model.get_rope_index(b["input_ids"], b.get("mm_token_type_ids"), image_grid_thw=b.get("image_grid_thw"),
+                                      attention_mask=b["attention_mask"])  # [3, B, T]
+    first = {k: (v[::G, :Tp] if v.dim() == 2 and v.shape[1] == T else v[::G]) for k, v in b.items() if torch.is_tensor(v)}
+    pre = vlm(**models.with_image_features(first, feats[::G]), position_ids=pos[:, ::G, :Tp], use_cache=True,
+              output_hidden_states=hidden, logits_to_keep=1)  # logits [N, 1, V]: the prompt's last position
+    cache = pre.past_key_values
+    cache.batch_repeat_interleave(G)  # [N, ...] -> [N*G, ...]: keys/values of each prompt for its G samples
+    post = vlm(input_ids=b["input_ids"][:, Tp:], attention_mask=b["attention_mask"], position_ids=pos[:, :, Tp:],
+               past_key_values=cache, output_hidden_states=hidden)  # [N*G, Tn, V]
+    # position Tp-1 (the prompt's last) predicts the first response token, Tp+j the (j+2)-th
+    logits = torch.cat([pre.logits[:, -1:].repeat_interleave(G, 0), post.logits[:, :-1]], 1).float()
+    logits[..., banned_ids] = float("-inf")
+    scored = batch["response_mask"][:, Tp:].bool()  # [B, Tn]
+    targets = torch.where(scored, b["input_ids"][:, Tp:], _first_legal(logits, banned_ids))
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.cat([lp.new_zeros(B, Tp - 1), torch.where(scored, lp, torch.zeros_like(lp))], 1)  # [B, T-1]
+    if not hidden:
+        return logp
+    return logp, torch.cat([pre.hidden_states[-1].repeat_interleave(G, 0), post.hidden_states[-1]], 1)
 
 
 def _first_legal(logits: torch.Tensor, banned_ids: list[int]) -> int:
@@ -470,7 +508,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
         # once per batch: pi_ref does not move, so the mu inner updates below all reuse ref_logp
         with torch.no_grad():
-            ref_logp, h = token_logprobs(ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True)
+            ref_logp, h = token_logprobs(ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True, group=G)
             e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
@@ -495,9 +533,9 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         old_logp = None
         if cfg.mu > 1:
             with torch.no_grad():
-                old_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
+                old_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids, group=G)
         for _ in range(cfg.mu):
-            logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
+            logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids, group=G)
             old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
             if not models.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
@@ -508,7 +546,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             gain = None
             if getattr(reward_fn, "needs_gain", True):
                 with torch.no_grad():
-                    new_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
+                    new_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids, group=G)
                     before = _objective(logp.detach(), logp.detach(), ref_logp, adv, mask, cfg.beta)
                     after = _objective(new_logp, logp.detach(), ref_logp, adv, mask, cfg.beta)
                 gain = (after - before).view(-1, G).mean(1).cpu()  # [N]
