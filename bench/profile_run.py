@@ -2,7 +2,7 @@
 RM loop and evaluation, by phase; each phase's model FLOPs against what these cores reach on a
 plain matmul of the model's widths, measured in the same run.
 
-  .venv/bin/python -m bench.profile_run --run-dir runs/default --threads 1 --out docs/profile.json --md docs/profile.md
+  .venv/bin/python -m bench.profile_run --run-dir runs/default --threads 1 --out docs/profile.json
 
 What it runs: a representative slice of each loop, on the run directory's checkpoints (the
 reference `base/`, the client RMs under `clients/` when the reward stage has run):
