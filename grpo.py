@@ -16,19 +16,13 @@ pi_ref is the frozen reference policy (the SFT model the run started from). With
 update, pi_old = pi_theta at the time of sampling, so the ratio is 1 in value and only its
 gradient matters; with mu > 1 the old log-probs are computed once before the updates.
 
-The policy's vision tower is frozen (the paper's design; GRPOConfig.train_vision, --train-vision
-to train it): E5's gradient then reaches the language model only, and an image's features
-v(x) = tower(pixels) are the same in every pass of the job -- rollout, reference, policy -- since
-pi_ref is the policy's starting point and the tower never moves. `ImageFeatures` computes each
-image's v(x) once and hands the cached tensors to all three.
-
-What makes a step cheap on CPU (profiled by bench/profile_run.py, docs/profile.md):
-  * one `generate` call per step for all N x G samples; the image features enter once per prompt
-    and transformers expands them G times;
-  * the vision tower runs once per distinct image of the job (frozen) or per step (trained), never
-    per sampled row: the G samples of a prompt share its features (`_expand`);
-  * the reference's log-probs are computed once per batch, before the mu inner updates;
-  * the routing features e(x, o) are pooled from the reference forward that the KL needs anyway.
+The policy's vision tower is frozen (the paper's design; --train-vision trains it): E5's gradient
+reaches the language model only, and an image's features v(x) are the same in every pass of the
+job (pi_ref is the starting policy), so `ImageFeatures` computes each once for rollout, reference
+and policy. What else keeps a step cheap (bench/profile_run.py, docs/profile.md): one `generate`
+call for all N x G samples; the G samples of a prompt share its features (`_expand`) and, in the
+reference and policy forwards, its prompt computation (`token_logprobs` group=G); the reference's
+log-probs once per batch, before the mu updates; e(x, o) pooled from the reference forward.
 """
 
 from __future__ import annotations
@@ -145,8 +139,7 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     Targets at padded positions are replaced by a legal id before the gather (their -inf
     log-prob would turn 0 * -inf into NaN in the masked mean).
 
-    group = G > 1 (rows in groups of G samples of one prompt, response_batch's layout) runs each
-    prompt once and shares it with its samples (`_shared_prompt_logprobs`): same numbers."""
+    group = G > 1: rows in groups of G samples of one prompt; each prompt runs once (below)."""
     if group > 1 and hasattr(vlm.model, "get_rope_index"):
         return _shared_prompt_logprobs(vlm, batch, feats, banned_ids, hidden, group)
     b = models.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
@@ -164,13 +157,10 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
 
 def _shared_prompt_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool, G: int):
     """token_logprobs for rows [pad | prompt | response] in groups of G rows with one prompt.
-
-    The G rows of a group agree on every position t < Tp (the left-padded prompt), and under
-    causal attention so do their hidden states there: a full forward repeats the prompt's work
-    G times. Here the N prompts run once ([N, Tp], with_cache), their keys/values are repeated G
-    times, and only the N*G responses [N*G, Tn] run on top. Same logits in exact arithmetic;
-    gradients reach the prompt's computation once per sample through the repeated cache. The
-    M-RoPE positions are those of the full rows (get_rope_index), so nothing shifts."""
+    The G rows agree on every position t < Tp and, under causal attention, so do their hidden
+    states there: the N prompts run once [N, Tp], their keys/values are repeated G times, and only
+    the responses [N*G, Tn] run on top. Same logits and gradients (each sample's flows into the
+    prompt through the repeated cache); M-RoPE positions are the full rows' (get_rope_index)."""
     B, T = batch["input_ids"].shape
     Tp = int(batch["response_mask"].any(0).nonzero()[0])  # every response starts right after the prompt
     b = {k: v for k, v in batch.items() if k != "response_mask"}
@@ -227,7 +217,7 @@ def score_unique(rm, images, prompts, responses) -> tuple[torch.Tensor, int]:
     index: dict = {}
     slot = [index.setdefault(t, len(index)) for t in zip(images, prompts, responses)]
     uniq = list(index)
-    r = rm.standardized(rm_score(rm, [u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
+    r = rm.standardized(rm.score([u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
     return r[torch.tensor(slot)], len(uniq)
 
 
@@ -470,13 +460,12 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             p.requires_grad_(False)  # out of the optimizer below: no gradient, no AdamW update
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     # v(x) of the reference: always fixed. The policy's: fixed too while its tower is frozen, and
-    # equal to the reference's when both towers hold the same weights (pi_ref = the starting policy),
-    # so one cache serves every pass; a reference with another tower gets a cache of its own.
-    ref_feats = features if features is not None else ImageFeatures()
-    ref_feats.bind(ref)
+    # the reference's when both towers hold the same weights (pi_ref = the starting policy): one
+    # cache then serves every pass; a reference with another tower gets a cache of its own.
+    ref_feats = (features if features is not None else ImageFeatures()).bind(ref)
     pol_feats = None
     if frozen:
-        pol_feats = ref_feats if same_vision(policy, ref) else ImageFeatures().bind(policy)
+        pol_feats = ref_feats if torch.equal(ImageFeatures.signature(policy), ref_feats.sig) else ImageFeatures().bind(policy)
     pol_vlm = ref if pol_feats is ref_feats else policy  # the module whose tower fills pol_feats
     batches = models.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
@@ -591,8 +580,7 @@ def _expand(feats: tuple, group: int) -> tuple:
 # Image features of a frozen vision tower: computed once per image, reused by every pass
 # ----------------------------------------------------------------------------------------------
 
-# The modules of a VLM body that turn pixels into the language model's image tokens (what
-# get_image_features runs): Qwen2-VL / 2.5-VL's `visual` (patch embedding, blocks and the patch
+# What get_image_features runs: Qwen2-VL / 2.5-VL's `visual` (patch embedding, blocks, patch
 # merger), LLaVA-OneVision's SigLIP tower, projector and row-newline vector.
 VISION_PARTS = ("visual", "vision_tower", "multi_modal_projector", "image_newline")
 
@@ -608,44 +596,35 @@ def vision_parameters(vlm) -> list:
     return out
 
 
-def same_vision(a, b) -> bool:
-    """Do two VLMs' image encoders hold the same weights (and may share one ImageFeatures)?"""
-    pa, pb = vision_parameters(a), vision_parameters(b)
-    return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
-
-
 class ImageFeatures:
-    """image -> v(x) [tokens, H], the vision tower's output for it, computed on first sight and
-    kept (detached) while the tower is frozen.
-
-    Keys are image paths (an in-memory PIL image is keyed by its id and kept alive with its
-    entry, so the id cannot be reused). `bind(vlm)` ties the cache to a tower's weights: a tower
-    with other weights (another checkpoint) empties it, so a cache shared by the jobs of one
-    worker can never hand out another model's features. Least recently used entries leave once
-    the features exceed `max_bytes`. `computed` / `reused` count images encoded / served."""
+    """image -> v(x) [tokens, H], its vision-tower output, computed on first sight and kept
+    (detached) while the tower is frozen. Keys: image paths (a PIL image: its id, the image kept
+    alive with the entry). `bind(vlm)` ties the cache to a tower's weights (another tower empties
+    it: a cache shared by a worker's jobs never serves another model's features). Least recently
+    used entries leave beyond `max_bytes`. `computed` / `reused` count images encoded / served."""
 
     def __init__(self, max_bytes: int = 2 ** 30):
         self.store: OrderedDict = OrderedDict()  # key -> (image object or None, features)
         self.max_bytes, self.bytes, self.sig = max_bytes, 0, None
         self.computed = self.reused = 0
 
+    @staticmethod
+    def signature(vlm) -> torch.Tensor:
+        """A checksum of the tower's weights: float64 sums, one cheap pass, equal for equal weights."""
+        return torch.stack([p.detach().double().sum() for p in vision_parameters(vlm)]).cpu()
+
     def bind(self, vlm) -> "ImageFeatures":
-        # a checksum of every tower weight (float64 sums: one cheap pass, equal for equal weights)
-        sig = torch.stack([p.detach().double().sum() for p in vision_parameters(vlm)]).cpu()
+        sig = self.signature(vlm)
         if self.sig is None or not torch.equal(sig, self.sig):
             self.store.clear()
             self.bytes, self.sig = 0, sig
         return self
 
-    @staticmethod
-    def _key(image):
-        return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
-
     @torch.no_grad()
     def __call__(self, vlm, batch: dict, images: list) -> tuple:
         """Features of the images of an Encoder batch's rows (row i shows images[i]): one tensor
         [tokens_i, H] per row; the tower runs on the distinct images not cached yet, in one call."""
-        keys = [self._key(im) for im in images]
+        keys = [str(im) if isinstance(im, (str, os.PathLike)) else id(im) for im in images]
         todo = {}  # key -> first row that shows it
         for i, k in enumerate(keys):
             if k not in self.store:
@@ -666,13 +645,3 @@ class ImageFeatures:
             self.bytes -= f.numel() * f.element_size()
         return out
 
-
-def rm_score(rm, images, prompts, responses) -> torch.Tensor:
-    """rm.score, with the RM's image features from `rm.image_features` (an ImageFeatures bound to
-    its tower) when it has one: a client RM is frozen during GRPO, so each image's features are
-    computed once per worker instead of once per step and RM."""
-    cache = getattr(rm, "image_features", None)
-    if cache is None:
-        return rm.score(images, prompts, responses)
-    batch = rm.encoder(images, prompts, responses, rm.device)
-    return rm(**models.with_image_features(batch, cache(rm.vlm, batch, images)))

@@ -178,7 +178,7 @@ def profile_grpo(args, fed, peak: float) -> dict:
     rm_dirs = [Path(args.run_dir) / "clients" / k / f"reward-{SETTINGS['heterogeneous'][k]}" for k in fed.clients]
     if all((d / "reward.json").is_file() for d in rm_dirs):
         rms = [reward.RewardModel.load(d) for d in rm_dirs]
-        if args.cache and hasattr(grpo, "rm_score"):  # as the grpo stage does: frozen RMs, features once
+        if args.cache and hasattr(grpo, "ImageFeatures"):  # as the grpo stage does: frozen RMs, features once
             for rm in rms:
                 rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
         reward_fn, source = grpo.MixedReward(rms, router.avg_rm(len(rms))), f"avg_rm over {len(rms)} client RMs"

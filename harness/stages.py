@@ -429,7 +429,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
     else:
         if "rms" not in cache:  # the K client uploads, loaded once for every RM method
             cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
-            for rm in cache["rms"]:  # frozen here: each image's features once per worker (grpo.rm_score)
+            for rm in cache["rms"]:  # frozen here: each image's features once per worker (RewardModel.score)
                 rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
             cache["router"] = safe_io.load_router_state(run.output("router"), make_router(run)())
         rms, router_state = cache["rms"], cache["router"]
