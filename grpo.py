@@ -16,19 +16,13 @@ pi_ref is the frozen reference policy (the SFT model the run started from). With
 update, pi_old = pi_theta at the time of sampling, so the ratio is 1 in value and only its
 gradient matters; with mu > 1 the old log-probs are computed once before the updates.
 
-The policy's vision tower is frozen (the paper's design; GRPOConfig.train_vision, --train-vision
-to train it): E5's gradient then reaches the language model only, and an image's features
-v(x) = tower(pixels) are the same in every pass of the job -- rollout, reference, policy -- since
-pi_ref is the policy's starting point and the tower never moves. `ImageFeatures` computes each
-image's v(x) once and hands the cached tensors to all three.
-
-What makes a step cheap on CPU (profiled by bench/profile_run.py, docs/profile.md):
-  * one `generate` call per step for all N x G samples; the image features enter once per prompt
-    and transformers expands them G times;
-  * the vision tower runs once per distinct image of the job (frozen) or per step (trained), never
-    per sampled row: the G samples of a prompt share its features (`_expand`);
-  * the reference's log-probs are computed once per batch, before the mu inner updates;
-  * the routing features e(x, o) are pooled from the reference forward that the KL needs anyway.
+The policy's vision tower is frozen (the paper's design; --train-vision trains it): E5's gradient
+reaches the language model only, and an image's features v(x) are the same in every pass of the
+job (pi_ref is the starting policy), so `ImageFeatures` computes each once for rollout, reference
+and policy. What else keeps a step cheap (bench/profile_run.py, docs/profile.md): one `generate`
+call for all N x G samples; the G samples of a prompt share its features (`_expand`) and, in the
+reference and policy forwards, its prompt computation (`token_logprobs` group=G); the reference's
+log-probs once per batch, before the mu updates; e(x, o) pooled from the reference forward.
 """
 
 from __future__ import annotations
@@ -135,7 +129,7 @@ def response_batch(prompts: dict, new_ids: torch.Tensor, group: int, eos_id: int
     return out
 
 
-def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool = False):
+def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool = False, group: int = 1):
     """log pi(token_{t+1} | prefix) at response positions, 0 elsewhere: [B, T-1] (and the final
     hidden states [B, T, H] when hidden=True, for the routing features). `feats`: per-row image
     features. `batch` needs response_mask (response_batch makes it).
@@ -143,7 +137,11 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     The banned tokens (vision placeholders, pad) were suppressed while sampling, so the policy
     that produced the samples is the renormalised one without them: score with the same mask.
     Targets at padded positions are replaced by a legal id before the gather (their -inf
-    log-prob would turn 0 * -inf into NaN in the masked mean)."""
+    log-prob would turn 0 * -inf into NaN in the masked mean).
+
+    group = G > 1: rows in groups of G samples of one prompt; each prompt runs once (below)."""
+    if group > 1 and hasattr(vlm.model, "get_rope_index"):
+        return _shared_prompt_logprobs(vlm, batch, feats, banned_ids, hidden, group)
     b = models.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
     out = vlm(**b, output_hidden_states=hidden)
     logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
@@ -155,6 +153,36 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(scored, logp, torch.zeros_like(logp))
     return (logp, out.hidden_states[-1]) if hidden else logp
+
+
+def _shared_prompt_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden: bool, G: int):
+    """token_logprobs for rows [pad | prompt | response] in groups of G rows with one prompt.
+    The G rows agree on every position t < Tp and, under causal attention, so do their hidden
+    states there: the N prompts run once [N, Tp], their keys/values are repeated G times, and only
+    the responses [N*G, Tn] run on top. Same logits and gradients (each sample's flows into the
+    prompt through the repeated cache); M-RoPE positions are the full rows' (get_rope_index)."""
+    B, T = batch["input_ids"].shape
+    Tp = int(batch["response_mask"].any(0).nonzero()[0])  # every response starts right after the prompt
+    b = {k: v for k, v in batch.items() if k != "response_mask"}
+    pos, _ = vlm.model.get_rope_index(b["input_ids"], b.get("mm_token_type_ids"), image_grid_thw=b.get("image_grid_thw"),
+                                      attention_mask=b["attention_mask"])  # [3, B, T]
+    first = {k: (v[::G, :Tp] if v.dim() == 2 and v.shape[1] == T else v[::G]) for k, v in b.items() if torch.is_tensor(v)}
+    pre = vlm(**models.with_image_features(first, feats[::G]), position_ids=pos[:, ::G, :Tp], use_cache=True,
+              output_hidden_states=hidden, logits_to_keep=1)  # logits [N, 1, V]: the prompt's last position
+    cache = pre.past_key_values
+    cache.batch_repeat_interleave(G)  # [N, ...] -> [N*G, ...]: keys/values of each prompt for its G samples
+    post = vlm(input_ids=b["input_ids"][:, Tp:], attention_mask=b["attention_mask"], position_ids=pos[:, :, Tp:],
+               past_key_values=cache, output_hidden_states=hidden)  # [N*G, Tn, V]
+    # position Tp-1 (the prompt's last) predicts the first response token, Tp+j the (j+2)-th
+    logits = torch.cat([pre.logits[:, -1:].repeat_interleave(G, 0), post.logits[:, :-1]], 1).float()
+    logits[..., banned_ids] = float("-inf")
+    scored = batch["response_mask"][:, Tp:].bool()  # [B, Tn]
+    targets = torch.where(scored, b["input_ids"][:, Tp:], _first_legal(logits, banned_ids))
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.cat([lp.new_zeros(B, Tp - 1), torch.where(scored, lp, torch.zeros_like(lp))], 1)  # [B, T-1]
+    if not hidden:
+        return logp
+    return logp, torch.cat([pre.hidden_states[-1].repeat_interleave(G, 0), post.hidden_states[-1]], 1)
 
 
 def _first_legal(logits: torch.Tensor, banned_ids: list[int]) -> int:
@@ -206,16 +234,15 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             p.requires_grad_(False)  # out of the optimizer below: no gradient, no AdamW update
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     # v(x) of the reference: always fixed. The policy's: fixed too while its tower is frozen, and
-    # equal to the reference's when both towers hold the same weights (pi_ref = the starting policy),
-    # so one cache serves every pass; a reference with another tower gets a cache of its own.
-    # With LoRA (ref None) pi_ref is the policy with its adapters off, and the adapters live in the
+    # the reference's when both towers hold the same weights (pi_ref = the starting policy): one
+    # cache then serves every pass; a reference with another tower gets a cache of its own. With
+    # LoRA (ref None) pi_ref is the policy with its adapters off, and the adapters live in the
     # language model only: the policy's own tower is pi_ref's.
     ref_vlm = ref if ref is not None else policy
-    ref_feats = features if features is not None else ImageFeatures()
-    ref_feats.bind(ref_vlm)
+    ref_feats = (features if features is not None else ImageFeatures()).bind(ref_vlm)
     pol_feats = None
     if frozen:
-        pol_feats = ref_feats if same_vision(policy, ref_vlm) else ImageFeatures().bind(policy)
+        pol_feats = ref_feats if torch.equal(ImageFeatures.signature(policy), ref_feats.sig) else ImageFeatures().bind(policy)
     pol_vlm = ref_vlm if pol_feats is ref_feats else policy  # the module whose tower fills pol_feats
     batches = models.balanced_batches(pool, cfg.prompts, seed)
     G = cfg.group
@@ -247,7 +274,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         # -- 2. reference: log-probs for the KL term, hidden states for the routing features --
         # once per batch: pi_ref does not move, so the mu inner updates below all reuse ref_logp
         with torch.no_grad(), reference(policy, ref) as pi_ref:
-            ref_logp, h = token_logprobs(pi_ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True)
+            ref_logp, h = token_logprobs(pi_ref, rb, _expand(v_ref, G), encoder.banned_ids, hidden=True, group=G)
             e = router.pool_features(h, rb["attention_mask"], rb["response_mask"]).cpu()  # E2 [N*G, 2H]
         # -- 3. rewards and group-normalised advantages (E5) ----------------------------------
         imgs_g = [i for i in images for _ in range(G)]
@@ -272,9 +299,9 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
         old_logp = None
         if cfg.mu > 1:
             with torch.no_grad():
-                old_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
+                old_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids, group=G)
         for _ in range(cfg.mu):
-            logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
+            logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids, group=G)
             old = logp.detach() if old_logp is None else old_logp  # mu = 1: pi_old = pi_theta
             loss = grpo_loss(logp, old, ref_logp, adv, mask, cfg.clip_eps, cfg.beta)
             if not models.guarded_step(opt, loss, policy.parameters(), f"{desc} step {step}"):
@@ -285,7 +312,7 @@ def train_grpo(policy, ref, encoder, pool: list, reward_fn, cfg: GRPOConfig, see
             change = None
             if getattr(reward_fn, "needs_gain", True):
                 with torch.no_grad():
-                    new_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids)
+                    new_logp = token_logprobs(policy, rb, _expand(v_pol(), G), encoder.banned_ids, group=G)
                 change = step_change(logp.detach(), new_logp, ref_logp, adv, mask, cfg.beta, G)
             reward_fn.feedback(change)
         # -- 5. what the bar and the logs show -------------------------------------------------
@@ -366,8 +393,7 @@ def _expand(feats: tuple, group: int) -> tuple:
 # Image features of a frozen vision tower: computed once per image, reused by every pass
 # ----------------------------------------------------------------------------------------------
 
-# The modules of a VLM body that turn pixels into the language model's image tokens (what
-# get_image_features runs): Qwen2-VL / 2.5-VL's `visual` (patch embedding, blocks and the patch
+# What get_image_features runs: Qwen2-VL / 2.5-VL's `visual` (patch embedding, blocks, patch
 # merger), LLaVA-OneVision's SigLIP tower, projector and row-newline vector.
 VISION_PARTS = ("visual", "vision_tower", "multi_modal_projector", "image_newline")
 
@@ -383,44 +409,35 @@ def vision_parameters(vlm) -> list:
     return out
 
 
-def same_vision(a, b) -> bool:
-    """Do two VLMs' image encoders hold the same weights (and may share one ImageFeatures)?"""
-    pa, pb = vision_parameters(a), vision_parameters(b)
-    return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
-
-
 class ImageFeatures:
-    """image -> v(x) [tokens, H], the vision tower's output for it, computed on first sight and
-    kept (detached) while the tower is frozen.
-
-    Keys are image paths (an in-memory PIL image is keyed by its id and kept alive with its
-    entry, so the id cannot be reused). `bind(vlm)` ties the cache to a tower's weights: a tower
-    with other weights (another checkpoint) empties it, so a cache shared by the jobs of one
-    worker can never hand out another model's features. Least recently used entries leave once
-    the features exceed `max_bytes`. `computed` / `reused` count images encoded / served."""
+    """image -> v(x) [tokens, H], its vision-tower output, computed on first sight and kept
+    (detached) while the tower is frozen. Keys: image paths (a PIL image: its id, the image kept
+    alive with the entry). `bind(vlm)` ties the cache to a tower's weights (another tower empties
+    it: a cache shared by a worker's jobs never serves another model's features). Least recently
+    used entries leave beyond `max_bytes`. `computed` / `reused` count images encoded / served."""
 
     def __init__(self, max_bytes: int = 2 ** 30):
         self.store: OrderedDict = OrderedDict()  # key -> (image object or None, features)
         self.max_bytes, self.bytes, self.sig = max_bytes, 0, None
         self.computed = self.reused = 0
 
+    @staticmethod
+    def signature(vlm) -> torch.Tensor:
+        """A checksum of the tower's weights: float64 sums, one cheap pass, equal for equal weights."""
+        return torch.stack([p.detach().double().sum() for p in vision_parameters(vlm)]).cpu()
+
     def bind(self, vlm) -> "ImageFeatures":
-        # a checksum of every tower weight (float64 sums: one cheap pass, equal for equal weights)
-        sig = torch.stack([p.detach().double().sum() for p in vision_parameters(vlm)]).cpu()
+        sig = self.signature(vlm)
         if self.sig is None or not torch.equal(sig, self.sig):
             self.store.clear()
             self.bytes, self.sig = 0, sig
         return self
 
-    @staticmethod
-    def _key(image):
-        return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
-
     @torch.no_grad()
     def __call__(self, vlm, batch: dict, images: list) -> tuple:
         """Features of the images of an Encoder batch's rows (row i shows images[i]): one tensor
         [tokens_i, H] per row; the tower runs on the distinct images not cached yet, in one call."""
-        keys = [self._key(im) for im in images]
+        keys = [str(im) if isinstance(im, (str, os.PathLike)) else id(im) for im in images]
         todo = {}  # key -> first row that shows it
         for i, k in enumerate(keys):
             if k not in self.store:
@@ -441,13 +458,3 @@ class ImageFeatures:
             self.bytes -= f.numel() * f.element_size()
         return out
 
-
-def rm_score(rm, images, prompts, responses) -> torch.Tensor:
-    """rm.score, with the RM's image features from `rm.image_features` (an ImageFeatures bound to
-    its tower) when it has one: a client RM is frozen during GRPO, so each image's features are
-    computed once per worker instead of once per step and RM."""
-    cache = getattr(rm, "image_features", None)
-    if cache is None:
-        return rm.score(images, prompts, responses)
-    batch = rm.encoder(images, prompts, responses, rm.device)
-    return rm(**models.with_image_features(batch, cache(rm.vlm, batch, images)))

@@ -25,7 +25,6 @@ import torch
 import data
 import nts
 import router
-from grpo import rm_score
 
 
 class OracleReward:
@@ -49,7 +48,7 @@ def score_unique(rm, images, prompts, responses) -> tuple[torch.Tensor, int]:
     index: dict = {}
     slot = [index.setdefault(t, len(index)) for t in zip(images, prompts, responses)]
     uniq = list(index)
-    r = rm.standardized(rm_score(rm, [u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
+    r = rm.standardized(rm.score([u[0] for u in uniq], [u[1] for u in uniq], [u[2] for u in uniq]).float().cpu())
     return r[torch.tensor(slot)], len(uniq)
 
 

@@ -137,8 +137,13 @@ class RewardModel(nn.Module):
 
     def score(self, images, prompts, responses) -> torch.Tensor:
         """Raw rewards [B] for (image, prompt, response) triples, one forward pass; each
-        distinct image goes through the vision tower once."""
-        return self(**self.encoder.encode_shared(self.vlm, images, prompts, responses, self.device))
+        distinct image goes through the vision tower once. With `self.image_features` (a
+        grpo.ImageFeatures bound to this frozen RM, as during GRPO) an image seen before costs
+        no tower run at all."""
+        if getattr(self, "image_features", None) is None:
+            return self(**self.encoder.encode_shared(self.vlm, images, prompts, responses, self.device))
+        batch = self.encoder(images, prompts, responses, self.device)
+        return self(**models.with_image_features(batch, self.image_features(self.vlm, batch, images)))
 
     def standardized(self, rewards: torch.Tensor) -> torch.Tensor:
         """(r - mean) / std with the stats of the client's own training pairs (E3)."""

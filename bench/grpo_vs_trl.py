@@ -125,7 +125,9 @@ def bench_ours(args, fed) -> dict:
     policy, proc = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")
     ref, _ = models.load_vlm(args.model_dir, dtype=torch.float32, device="cpu")  # frozen pi_ref
     setup_s = time.perf_counter() - t
-    cfg = grpo.GRPOConfig(steps=args.warmup + args.steps, train_vision=args.train_vision, **SETTINGS)
+    # (code from before GRPOConfig.train_vision trains the tower: measure it with --train-vision)
+    vision = {"train_vision": args.train_vision} if hasattr(grpo.GRPOConfig, "train_vision") else {}
+    cfg = grpo.GRPOConfig(steps=args.warmup + args.steps, **vision, **SETTINGS)
 
     # Phase split, the counterpart of the TRL harness's columns:
     #   rollout   Encoder (image load + processor) + policy.generate + decode
@@ -151,15 +153,16 @@ def bench_ours(args, fed) -> dict:
     models.guarded_step = ph.wrap(saved[2], lambda *_, **__: "bwd_opt")
     policy.generate = ph.wrap(policy.generate, lambda *_, **__: "rollout")  # instance attr shadows the method
 
-    ticks, phases = [], []
+    ticks, cpu_ticks, phases = [], [], []
 
     def on_step(step, info):
         ticks.append(time.perf_counter())
+        cpu_ticks.append(time.process_time())  # CPU seconds: what load on the other cores does not inflate
         phases.append(ph.close())
 
     la0 = loadavg()
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         log = grpo.train_grpo(policy, ref, enc, fed.pool, mixture.OracleReward(gold), cfg, args.seed, gold=gold,
                               on_step=on_step, desc="bench grpo")
         total = time.perf_counter() - t0
@@ -172,10 +175,12 @@ def bench_ours(args, fed) -> dict:
     for d, w in zip(phases, walls):
         d["other"] = w - sum(d.values())
     measured = walls[args.warmup:] or walls
+    cpus = [b - a for a, b in zip([c0, *cpu_ticks[:-1]], cpu_ticks)]
     split = {k: statistics.median(d.get(k, 0.0) for d in phases[args.warmup:] or phases)
              for k in ("rollout", "ref_fwd", "pol_fwd", "bwd_opt", "other")}
     return {
         "median_s_per_step": statistics.median(measured),
+        "median_cpu_s_per_step": statistics.median(cpus[args.warmup:] or cpus),
         "mean_s_per_step": statistics.mean(measured),
         "min_s_per_step": min(measured),
         "median_split_s": split,
@@ -233,6 +238,7 @@ def bench_trl(args, workdir: Path, prompts: Path) -> dict:
     r = json.loads(results.read_text())
     return {
         "median_s_per_step": r["median_s_per_step"],  # loop_wall: on_step_end -> on_step_end
+        "median_cpu_s_per_step": r.get("median_cpu_s_per_step"),
         "median_step_wall_s": r["median_step_wall_s"],  # on_step_begin -> on_step_end
         "median_split_s": r["median_split_s"],
         "step_wall_s": [s["loop_wall"] for s in r["per_step"]],
@@ -311,6 +317,7 @@ def main(argv=None):
     ours, trl = res["ours"], res.get("trl")
     if trl:
         res["ratio_trl_over_ours"] = trl["median_s_per_step"] / ours["median_s_per_step"]
+        res["cpu_ratio_trl_over_ours"] = trl["median_cpu_s_per_step"] / ours["median_cpu_s_per_step"]
 
     # ------------------------------------------------------------------ report
     n = f"steps {args.warmup + 1}..{args.warmup + args.steps}"
@@ -324,7 +331,8 @@ def main(argv=None):
         print(f"| {label} | {r['median_s_per_step']:.3f} | {mn:.3f} | {r['peak_rss_mb'] or float('nan'):.0f} | "
               f"{la[0][0]} -> {la[1][0]} |")
     if trl:
-        print(f"\nratio TRL / ours: {res['ratio_trl_over_ours']:.2f}x")
+        print(f"\nratio TRL / ours: {res['ratio_trl_over_ours']:.2f}x wall, {res['cpu_ratio_trl_over_ours']:.2f}x CPU seconds "
+              f"(median CPU s/step: ours {ours['median_cpu_s_per_step']:.3f}, TRL {trl['median_cpu_s_per_step']:.3f})")
     print("\nmedian split (s): ours " + json.dumps({k: round(v, 4) for k, v in ours["median_split_s"].items()}))
     if trl:
         print("median split (s): TRL  " + json.dumps({k: round(v, 4) for k, v in trl["median_split_s"].items()}))

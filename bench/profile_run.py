@@ -2,7 +2,7 @@
 RM loop and evaluation, by phase; each phase's model FLOPs against what these cores reach on a
 plain matmul of the model's widths, measured in the same run.
 
-  .venv/bin/python -m bench.profile_run --run-dir runs/default --threads 1 --out docs/profile.json --md docs/profile.md
+  .venv/bin/python -m bench.profile_run --run-dir runs/default --threads 1 --out docs/profile.json
 
 What it runs: a representative slice of each loop, on the run directory's checkpoints (the
 reference `base/`, the client RMs under `clients/` when the reward stage has run):
@@ -179,7 +179,7 @@ def profile_grpo(args, fed, peak: float) -> dict:
     rm_dirs = [Path(args.run_dir) / "clients" / k / f"reward-{SETTINGS['heterogeneous'][k]}" for k in fed.clients]
     if all((d / "reward.json").is_file() for d in rm_dirs):
         rms = [reward.RewardModel.load(d) for d in rm_dirs]
-        if args.cache and hasattr(grpo, "rm_score"):  # as the grpo stage does: frozen RMs, features once
+        if args.cache and hasattr(grpo, "ImageFeatures"):  # as the grpo stage does: frozen RMs, features once
             for rm in rms:
                 rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
         reward_fn, source = mixture.MixedReward(rms, router.avg_rm(len(rms))), f"avg_rm over {len(rms)} client RMs"

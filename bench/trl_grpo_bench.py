@@ -192,6 +192,7 @@ def step_timer(phases: PhaseTimes, log_rows: list):
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             self.t_prev_end = time.perf_counter()  # the first loop_wall includes the first fetch
+            self.c_prev_end = time.process_time()  # CPU seconds of this process: what load elsewhere does not inflate
 
         def on_step_begin(self, args, state, control, **kw):
             self.t_begin = time.perf_counter()
@@ -201,9 +202,11 @@ def step_timer(phases: PhaseTimes, log_rows: list):
 
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()
+            cpu = time.process_time()
             phases.close_step({"step": state.global_step, "step_wall": now - self.t_begin,
-                               "loop_wall": now - self.t_prev_end, "optimizer": now - self.t_opt})
-            self.t_prev_end = now
+                               "loop_wall": now - self.t_prev_end, "optimizer": now - self.t_opt,
+                               "loop_cpu": cpu - self.c_prev_end})
+            self.t_prev_end, self.c_prev_end = now, cpu
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs:
@@ -343,6 +346,7 @@ def main(argv=None):
         "steps": len(steps),
         "warmup_excluded": args.warmup,
         "median_s_per_step": med("loop_wall"),
+        "median_cpu_s_per_step": med("loop_cpu"),
         "median_step_wall_s": med("step_wall"),
         "median_split_s": {k: med(k) for k in split_keys},
         "rewards_per_step": [s["reward"] for s in steps],

@@ -42,7 +42,7 @@ def reward_source(run: Run, method: str, seed: int, gold: dict, cache: dict):
         return mixture.SingleReward(reward.RewardModel.load(run.dir / FEDAVG_RM[method], device=run.device))
     if "rms" not in cache:  # the K client uploads, loaded once for every RM method
         cache["rms"] = [reward.RewardModel.load(run.rm_dir(k), device=run.device) for k in fed.clients]
-        for rm in cache["rms"]:  # frozen here: each image's features once per worker (grpo.rm_score)
+        for rm in cache["rms"]:  # frozen here: each image's features once per worker (reward.RewardModel.score)
             rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
         cache["router"] = safe_io.load_router_state(run.output("router"), make_router(run)())
     rms, src = cache["rms"], weight_sources(run, cache["router"])

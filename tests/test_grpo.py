@@ -406,7 +406,7 @@ def _frozen_uncached(vlm):
 def test_cached_vision_path_gives_the_uncached_losses_and_leaves_the_tower_untouched(policy, fed):
     vlm, enc = policy
     pool = fed.pool[:8]
-    cfg = dict(steps=3, prompts=4, group=4, max_new_tokens=3, lr=1e-2, beta=0.04, format_guard=False)
+    cfg = dict(steps=2, prompts=4, group=4, max_new_tokens=3, lr=1e-2, beta=0.04, format_guard=False)
 
     def reward(images, prompts, responses, e):  # depends on the samples, so the updates are real
         return torch.tensor([float(len(r)) for r in responses])
@@ -463,6 +463,31 @@ def test_rm_scores_with_cached_features_equal_the_plain_scores(tiny_dirs, fed):
     with torch.no_grad():
         want = rm.score(*args)
         rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
-        got, again = grpo.rm_score(rm, *args), grpo.rm_score(rm, *args)
+        got, again = rm.score(*args), rm.score(*args)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(again, want, atol=1e-5)
     assert rm.image_features.computed == 4  # 4 distinct images, encoded once over both calls
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_prompt_shared_logprobs_equal_the_full_forward_in_value_and_gradient(tiny_dirs, fed, family):
+    """token_logprobs(group=G) runs each prompt once for its G samples: the log-probs, the hidden
+    states (routing features) and the gradient must be those of the full [N*G, T] forward."""
+    vlm, proc = models.load_vlm(tiny_dirs[family])
+    enc = models.Encoder(proc)
+    exs, G = fed.pool[:3], 4
+    pb = enc([e.image for e in exs], [e.prompt for e in exs])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = vlm.generate(**pb, max_new_tokens=4, do_sample=True, num_return_sequences=G, top_k=None, top_p=None,
+                           suppress_tokens=enc.banned_ids, pad_token_id=enc.pad_id, eos_token_id=enc.eos_id)
+    rb = grpo.response_batch(pb, out[:, pb["input_ids"].shape[1]:], G, enc.eos_id)
+    with torch.no_grad():
+        feats = grpo._expand(models.image_features(vlm, pb, [0, 1, 2]), G)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    (a, ha), (b, hb) = (grpo.token_logprobs(vlm, rb, feats, enc.banned_ids, hidden=True, group=g) for g in (1, G))
+    assert a.shape == b.shape and (a != 0).any()
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ha, hb, atol=1e-5)
+    w = torch.randn_like(a)  # any loss of the log-probs: the gradients agree
+    ga, gb = (torch.autograd.grad((x * w).sum(), params, allow_unused=True) for x in (a, b))
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5))

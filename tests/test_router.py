@@ -2,7 +2,6 @@
 import math
 import re
 import threading
-import time
 
 import pytest
 import torch
