@@ -140,7 +140,9 @@ def token_logprobs(vlm, batch: dict, feats: tuple, banned_ids: list[int], hidden
     log-prob would turn 0 * -inf into NaN in the masked mean).
 
     group = G > 1: rows in groups of G samples of one prompt; each prompt runs once (below)."""
-    if group > 1 and hasattr(vlm.model, "get_rope_index"):
+    # (activation checkpointing in training turns the KV cache off: then every row runs in full)
+    checkpointed = vlm.training and getattr(vlm, "is_activation_checkpointing", False)
+    if group > 1 and hasattr(vlm.model, "get_rope_index") and not checkpointed:
         return _shared_prompt_logprobs(vlm, batch, feats, banned_ids, hidden, group)
     b = models.with_image_features({k: v for k, v in batch.items() if k != "response_mask"}, feats)
     out = vlm(**b, output_hidden_states=hidden)
