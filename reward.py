@@ -12,6 +12,8 @@ On disk (an "upload": the only thing that leaves a client):
   <dir>/backbone/        save_pretrained checkpoint (model.safetensors, config, processor)
   <dir>/head.safetensors head weight [1, H] and bias [1]
   <dir>/reward.json      {"family", "mean", "std", "n_pairs", ...}
+  <dir>/adapter/         with LoRA (RMConfig.lora_r, real checkpoints): the adapters in peft's
+                         format, already merged into backbone/
 Loading refuses anything that is not safetensors/JSON (no pickle, no remote code).
 
 Local training recipe (measured on the embedded default, docs/results.md): BT alone from a raw tiny VLM

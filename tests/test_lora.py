@@ -91,3 +91,21 @@ def test_rm_with_lora_saves_adapters_and_merged_backbone(tiny_dirs, fed, tmp_pat
     back = reward.RewardModel.load(tmp_path / "rm")
     after = reward.pair_scores(back, pairs[:6])
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after))
+
+
+def test_recipe_switches_for_real_checkpoints_and_explicit_flags_win(tiny_dirs, tmp_path):
+    import mor
+    from harness.pipeline import REAL, REAL_LORA_R, TINY, Run
+
+    tiny = mor.parse_args(["--quick", "--run-dir", str(tmp_path)])
+    assert {k: getattr(tiny, k) for k in TINY} == TINY and Run(tiny).lora_r(None) == 0
+    real = mor.parse_args(["--quick", "--run-dir", str(tmp_path), "--base", tiny_dirs["qwen2_vl"],
+                           "--client-model", f"color={tiny_dirs['llava_onevision']}", "--grpo-lr", "3e-5"])
+    assert real.sft_lr == REAL["sft_lr"] and real.rm_sft_lr == REAL["rm_sft_lr"] and real.grpo_lr == 3e-5
+    run = Run(real)
+    assert run.lora_r(None) == REAL_LORA_R and run.lora_r("color") == REAL_LORA_R and run.lora_r("shape") == 0
+    cfg = run.rm_config("color")
+    assert (cfg.sft_lr, cfg.sft_batch, cfg.lr, cfg.batch, cfg.lora_r) == (
+        REAL["rm_sft_lr"], REAL["rm_sft_batch"], REAL["rm_lr"], REAL["rm_batch"], REAL_LORA_R)
+    off = Run(mor.parse_args(["--quick", "--run-dir", str(tmp_path), "--base", tiny_dirs["qwen2_vl"], "--lora-r", "0"]))
+    assert off.lora_r(None) == 0

@@ -23,6 +23,7 @@ from harness.pipeline import Run
     (["--client-model", "color=/nonexistent"], "--client-model"), (["--setting", "own"], "--setting own"),
     (["--methods", "oracle,mor_nts"], "--methods mor_nts: renamed to mor"),
     (["--fedavg-rm-rounds", "0"], "--fedavg-rm-rounds 0"),
+    (["--lora-r", "-1"], "--lora-r -1"), (["--rm-sft-lr", "0"], "--rm-sft-lr 0"), (["--rm-sft-batch", "0"], "--rm-sft-batch 0"),
 ])
 def test_nonsense_flag_values_are_one_line_errors_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -82,6 +83,8 @@ def test_every_input_reaches_the_outputs_that_depend_on_it(tmp_path):
     for flag, value, changed in [
         ("--rm-steps", "7", {"rm", "router", "mor"}),
         ("--sft-lr", "1e-4", {"sft", "router", "mor", "oracle"}),
+        ("--rm-sft-lr", "1e-4", {"rm", "router", "mor"}),
+        ("--lora-r", "4", {"sft", "rm", "router", "mor", "oracle"}),
         ("--pretrain-steps", "3", {"base", "sft", "router", "mor", "oracle"}),
         ("--rounds", "3", {"router", "mor"}),
         ("--group", "3", {"mor", "oracle"}),
