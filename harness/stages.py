@@ -310,7 +310,7 @@ def stage_router(run: Run) -> None:
         tqdm.write(f"round {e['round']:3d}: routing loss {e['loss']:.4f}, held-out pair accuracy "
                    + ", ".join(f"{k} {100 * v:.1f}" for k, v in e["heldout_acc"].items())
                    + (f"; left out: {', '.join(e['rejected'])}" if e.get("rejected") else ""))
-    # The comparison the issue asks for: held-out pair accuracy of the mixed reward per domain for
+    # The comparison that matters: held-out pair accuracy of the mixed reward per domain for
     # MoR and every fixed-weight baseline, each number computed by the client owning the domain.
     sources = weight_sources(run, model.state_dict())
     acc = {s: {k: c.mixed_accuracy(src) for k, c in clients.items()} for s, src in sources.items()}
@@ -452,7 +452,7 @@ def grpo_job(run: Run, method: str, seed: int, cache: dict) -> str:
             own = {d: k for k, d in enumerate(fed.clients) if d in fed.test}
             extra["routing_own_share"] = mixture.own_share(fn.log, own)
             atomic_write_text(tmp / "routing_log.jsonl", "".join(json.dumps(x) + "\n" for x in fn.log))
-        # memory with the K RMs loaded (issue of many clients): this worker's peak so far, and
+        # memory with the K RMs loaded (it grows with K): this worker's peak so far, and
         # the RMs' own parameters
         rms_mb = sum(p.numel() * p.element_size() for rm in cache.get("rms", []) for p in rm.parameters()) / 2 ** 20
         memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -212,11 +212,10 @@ def test_own_task_files_reproduce_the_embedded_run(tmp_path):
 def test_progress_prints_plain_lines_in_a_log_or_a_worker(monkeypatch, capsys):
     """Off a terminal (a log file, a worker process) a loop prints one full line per interval and
     its final state, with the postfix figures; never one line per update."""
-    import models
     import safe_io
 
     monkeypatch.setenv(safe_io.PLAIN_ENV, "1")
-    monkeypatch.setattr(models, "PLAIN_INTERVAL", 3600.0)
+    monkeypatch.setattr(safe_io, "PLAIN_INTERVAL", 3600.0)
     bar = safe_io.Progress(range(50), desc="grpo mor s0")
     for i in bar:
         bar.set_postfix(reward=f"{i:.1f}")
