@@ -220,7 +220,7 @@ def test_homogeneous_setting_adds_fedavg_rm(tmp_path):
     assert mor.main(["--quick", "--run-dir", str(run), "--setting", "homogeneous", "--stages", "base,reward",
                      "--rm-sft-steps", "1", "--rm-steps", "2"]) == 0
     m = json.loads((run / "rm_matrix-homogeneous.json").read_text())
-    assert set(m["rm_pair_accuracy"]) == set(data.DOMAINS) | {"fedavg_rm"}
+    assert set(m["rm_pair_accuracy"]) == set(data.DOMAINS) | {"fedavg_rm", "fedavg_rm_oneshot"}
     assert set(m["families"].values()) == {"qwen2_vl"}
     info = json.loads((run / "clients" / "fedavg_rm" / "reward.json").read_text())
     assert info["n_pairs"] == sum(m["n_pairs"].values()) and info["std"] > 0
