@@ -167,6 +167,7 @@ def matmul_peak(M: int, H: int, widths: dict, repeat: int = 20) -> dict:
 
 
 def profile_grpo(args, fed, peak: float) -> dict:
+    import data
     import grpo
     import mixture
     import models
@@ -184,7 +185,7 @@ def profile_grpo(args, fed, peak: float) -> dict:
                 rm.image_features = grpo.ImageFeatures().bind(rm.vlm)
         reward_fn, source = mixture.MixedReward(rms, router.avg_rm(len(rms))), f"avg_rm over {len(rms)} client RMs"
     else:
-        gold = {(e.image, e.prompt): g for e, g in zip(fed.pool, fed.pool_gold)}
+        gold = data.pool_gold(fed)
         reward_fn, source = mixture.OracleReward(gold), "oracle (no client RMs in the run dir)"
     ph = Phases()
     enc = models.Encoder(proc)
